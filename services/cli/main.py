@@ -1,0 +1,336 @@
+"""`tunery`: the command-line client (typer + rich), built on the SDK."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import grpc
+import typer
+from google.protobuf import json_format
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from services.cli import stack
+from services.gen.tunery.v1 import common_pb2 as pb
+from services.sdk.client import TuneryClient
+
+app = typer.Typer(help="Tunery: turn an open-weight LLM into your own model.", no_args_is_help=True)
+models_app = typer.Typer(help="Base models.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Datasets.", no_args_is_help=True)
+artifacts_app = typer.Typer(help="Artifacts in the store.", no_args_is_help=True)
+jobs_app = typer.Typer(help="Jobs of every service.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(artifacts_app, name="artifacts")
+app.add_typer(jobs_app, name="jobs")
+
+out = Console()
+err = Console(stderr=True)
+OPTS: dict[str, Any] = {"json": False, "target": "", "token": None}
+KIND_NAMES = {"model": pb.ARTIFACT_KIND_MODEL, "dataset": pb.ARTIFACT_KIND_DATASET, "adapter": pb.ARTIFACT_KIND_ADAPTER,
+              "report": pb.ARTIFACT_KIND_REPORT, "checkpoint": pb.ARTIFACT_KIND_CHECKPOINT, "suite": pb.ARTIFACT_KIND_SUITE}
+
+
+@app.callback()
+def root(
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    target: str = typer.Option("", "--target", envvar="TUNERY_REGISTRY_ADDR", help="Registry address host:port."),
+    token: str = typer.Option(None, "--token", envvar="TUNERY_TOKEN", help="Bearer token (default ~/.tunery/token)."),
+) -> None:
+    OPTS.update(json=json_out, target=target, token=token)
+
+
+def client() -> TuneryClient:
+    """--target / TUNERY_REGISTRY_ADDR, else the running embedded stack's registry, else 127.0.0.1:50051."""
+    target = OPTS["target"]
+    if not target:
+        state = stack.StackState.load()
+        if state and "registry" in state.ports:
+            target = f"127.0.0.1:{state.ports['registry']}"
+    return TuneryClient(target, OPTS["token"])
+
+
+def to_dict(msg) -> dict[str, Any]:
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def emit(obj: Any) -> None:
+    if isinstance(obj, list):
+        obj = [to_dict(m) if hasattr(m, "DESCRIPTOR") else m for m in obj]
+    elif hasattr(obj, "DESCRIPTOR"):
+        obj = to_dict(obj)
+    out.print_json(json.dumps(obj, default=str))
+
+
+def state_name(s: int) -> str:
+    return pb.JobState.Name(s).removeprefix("JOB_STATE_").lower()
+
+
+def fail_rpc(e: grpc.RpcError) -> None:
+    from grpc_status import rpc_status
+    from google.rpc import error_details_pb2
+
+    err.print(f"[red]error[/red] {e.code().name}: {e.details()}")
+    status = rpc_status.from_call(e) if hasattr(e, "trailing_metadata") else None
+    for detail in status.details if status else []:
+        br = error_details_pb2.BadRequest()
+        if detail.Unpack(br):
+            for v in br.field_violations:
+                err.print(f"  {v.field}: {v.description}")
+    raise typer.Exit(2)
+
+
+def rpc(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except grpc.RpcError as e:
+        fail_rpc(e)
+
+
+# ---------------------------------------------------------------------- the embedded stack
+@app.command()
+def up(
+    store_url: str = typer.Option("", help="file:///path (default ~/.tunery/store) or s3://bucket for MinIO/S3."),
+    s3_endpoint: str = typer.Option("", help="MinIO/S3 host:port."),
+    s3_access_key: str = typer.Option("", envvar="TUNERY_S3_ACCESS_KEY"),
+    s3_secret_key: str = typer.Option("", envvar="TUNERY_S3_SECRET_KEY"),
+    s3_secure: bool = typer.Option(False, help="Use TLS to reach S3."),
+    ray_address: str = typer.Option("", help="Use this Ray cluster's job API instead of starting a head."),
+    num_cpus: int = typer.Option(0, help="CPUs the local Ray head offers (default: all)."),
+) -> None:
+    """Start the embedded stack: a local Ray head and every service on 127.0.0.1."""
+    s3 = {"TUNERY_S3_ENDPOINT": s3_endpoint, "TUNERY_S3_ACCESS_KEY": s3_access_key,
+          "TUNERY_S3_SECRET_KEY": s3_secret_key, "TUNERY_S3_SECURE": str(s3_secure).lower() if s3_endpoint else ""}
+    with err.status("starting") as st:
+        state = stack.up(store_url=store_url, s3=s3, ray_address=ray_address, num_cpus=num_cpus,
+                         on_step=lambda s: st.update(s))
+    if OPTS["json"]:
+        emit(stack.asdict(state))
+    else:
+        err.print(f"[green]up[/green]: Ray {state.ray_address} (head start {state.ray_start_s:.1f}s), "
+                  f"services ready in {state.ready_s:.1f}s, store {state.store_url}")
+
+
+@app.command()
+def down() -> None:
+    """Stop the embedded stack."""
+    err.print("stopped" if stack.down() else "nothing to stop")
+
+
+@app.command()
+def status() -> None:
+    """Show the embedded stack: processes and each service's health."""
+    state = stack.StackState.load()
+    if state is None:
+        err.print("the embedded stack is not running (tunery up)")
+        raise typer.Exit(1)
+    rows = {name: stack.health(port) for name, port in state.ports.items()}
+    if OPTS["json"]:
+        emit({"ray_address": state.ray_address, "store_url": state.store_url, "health": rows})
+        return
+    t = Table("service", "port", "health")
+    for name, port in state.ports.items():
+        t.add_row(name, str(port), rows[name])
+    out.print(f"Ray {state.ray_address} (pid {state.ray_pid}, {'alive' if stack.alive(state.ray_pid) else 'gone'}); "
+              f"store {state.store_url}")
+    out.print(t)
+
+
+# ---------------------------------------------------------------------- imports
+def follow(c: TuneryClient, job: pb.Job, watch: bool) -> pb.Job:
+    if not watch:
+        if OPTS["json"]:
+            emit(job)
+        else:
+            out.print(f"job {job.id} {state_name(job.state)}")
+        return job
+    if not OPTS["json"]:
+        render_watch(c, job.id)
+    final = rpc(c.wait, job.id)
+    if OPTS["json"]:
+        emit(final)
+    if final.state != pb.JOB_STATE_SUCCEEDED:
+        err.print(f"[red]job {final.id} {state_name(final.state)}[/red]: {final.state_reason}")
+        raise typer.Exit(1)
+    return final
+
+
+@models_app.command("import")
+def models_import(
+    path: str = typer.Argument(..., help="A Hugging Face model directory (absolute path) or hf://org/name."),
+    name: str = typer.Option(..., "--name", help="Artifact name."),
+    key: str = typer.Option("", "--key", help="Idempotency key (becomes the job id)."),
+    allow_trust_remote_code: bool = typer.Option(False, help="Import a model that ships custom code."),
+    watch: bool = typer.Option(True, help="Follow the job until it ends."),
+) -> None:
+    """Import a base model into the store as a pristine, checksummed model artifact."""
+    import os
+
+    c = client()
+    source = path if path.startswith("hf://") else os.path.abspath(path)
+    job = rpc(c.import_model, source, name, key=key, allow_trust_remote_code=allow_trust_remote_code)
+    final = follow(c, job, watch)
+    if watch and final.outputs and not OPTS["json"]:
+        out.print(f"model artifact: {final.outputs[0].uri}")
+
+
+@datasets_app.command("import")
+def datasets_import(
+    path: str = typer.Argument(..., help="A JSONL, JSON, CSV or Parquet file."),
+    name: str = typer.Option(..., "--name"),
+    key: str = typer.Option("", "--key"),
+    watch: bool = typer.Option(True),
+) -> None:
+    """Store a dataset file as a dataset artifact (parsing and validation: tunery data prepare)."""
+    import os
+
+    c = client()
+    final = follow(c, rpc(c.import_dataset, os.path.abspath(path), name, key=key), watch)
+    if watch and final.outputs and not OPTS["json"]:
+        out.print(f"dataset artifact: {final.outputs[0].uri}")
+
+
+# ---------------------------------------------------------------------- artifacts
+@artifacts_app.command("list")
+def artifacts_list(kind: str = typer.Option("", help="model, dataset, adapter, report, checkpoint, suite"),
+                   name: str = typer.Option("")) -> None:
+    """List artifacts."""
+    if kind and kind not in KIND_NAMES:
+        err.print(f"--kind must be one of {', '.join(KIND_NAMES)}")
+        raise typer.Exit(2)
+    arts = rpc(lambda: list(client().list_artifacts(KIND_NAMES.get(kind, 0), name)))
+    if OPTS["json"]:
+        return emit(arts)
+    t = Table("id", "kind", "size", "files", "created by")
+    for a in arts:
+        t.add_row(a.id, pb.ArtifactKind.Name(a.kind).removeprefix("ARTIFACT_KIND_").lower(),
+                  f"{a.total_bytes / 1e6:.2f} MB", str(len(a.files)), a.created_by_job)
+    out.print(t)
+
+
+@artifacts_app.command("show")
+def artifacts_show(artifact_id: str) -> None:
+    """Print an artifact's manifest."""
+    emit(rpc(client().get_artifact, artifact_id))
+
+
+@artifacts_app.command("lineage")
+def artifacts_lineage(artifact_id: str, max_depth: int = typer.Option(0)) -> None:
+    """The artifact and its ancestors."""
+    chain = rpc(client().lineage, artifact_id, max_depth)
+    if OPTS["json"]:
+        return emit(chain)
+    for i, a in enumerate(chain):
+        out.print(("  " * min(i, 1)) + ("└─ " if i else "") + f"{a.id}  ({a.created_by_job or 'no job'})")
+
+
+@artifacts_app.command("delete")
+def artifacts_delete(artifact_id: str) -> None:
+    """Delete an artifact (refused while another artifact names it as a parent)."""
+    deleted = rpc(client().delete_artifact, artifact_id)
+    emit({"deleted": deleted}) if OPTS["json"] else out.print(f"deleted {deleted}")
+
+
+# ---------------------------------------------------------------------- jobs
+@jobs_app.command("list")
+def jobs_list(state: str = typer.Option("", help="validating, queued, running, succeeded, failed, cancelled"),
+              kind: str = typer.Option("")) -> None:
+    """List jobs of every service."""
+    states = [getattr(pb, f"JOB_STATE_{state.upper()}")] if state else []
+    jobs = rpc(lambda: list(client().list_jobs(states=states, kind=kind)))
+    if OPTS["json"]:
+        return emit(jobs)
+    t = Table("id", "kind", "state", "reason")
+    for j in jobs:
+        t.add_row(j.id, j.kind, state_name(j.state), j.state_reason[:60])
+    out.print(t)
+
+
+@jobs_app.command("get")
+def jobs_get(job_id: str) -> None:
+    """Show a job."""
+    job = rpc(client().get_job, job_id)
+    if OPTS["json"]:
+        return emit(job)
+    out.print(f"{job.id}  {job.kind}  [bold]{state_name(job.state)}[/bold]  {job.state_reason}")
+    for o in job.outputs:
+        out.print(f"  output: {o.uri}")
+    for k, v in sorted(job.latest_metrics.items()):
+        out.print(f"  {k} = {v:g}")
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: str, reason: str = typer.Option("")) -> None:
+    """Cancel a queued or running job."""
+    job = rpc(client().cancel_job, job_id, reason)
+    emit(job) if OPTS["json"] else out.print(f"{job.id} {state_name(job.state)} {job.state_reason}")
+
+
+def render_watch(c: TuneryClient, job_id: str, after: int = 0) -> None:
+    """Events as lines, metrics as a live progress bar."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                  console=err, transient=False) as progress:
+        task = progress.add_task(job_id, total=None)
+        for ev in c.watch(job_id, after):
+            if ev.type == pb.EVENT_TYPE_METRICS and ev.total_steps:
+                progress.update(task, total=ev.total_steps, completed=ev.step,
+                                description=f"{job_id} " + " ".join(f"{k}={v:.3g}" for k, v in list(ev.metrics.items())[:3]))
+            else:
+                colour = {pb.EVENT_LEVEL_ERROR: "red", pb.EVENT_LEVEL_WARNING: "yellow"}.get(ev.level, "")
+                text = f"[{colour}]{ev.text}[/{colour}]" if colour else ev.text
+                progress.console.print(f"[dim]#{ev.cursor}[/dim] {text}", markup=True, highlight=False)
+
+
+@jobs_app.command("watch")
+def jobs_watch(job_id: str, after: int = typer.Option(0, "--after", help="Resume after this event cursor.")) -> None:
+    """Follow a job's events (a progress bar for metrics) until it ends; resumes after a disconnect."""
+    c = client()
+    try:
+        if OPTS["json"]:
+            for ev in c.watch(job_id, after):
+                print(json.dumps(to_dict(ev)), flush=True)
+        else:
+            render_watch(c, job_id, after)
+    except grpc.RpcError as e:
+        fail_rpc(e)
+
+
+# ---------------------------------------------------------------------- the main job
+@app.command()
+def demo(model: str = typer.Option(..., help="A model directory to import (make fixtures builds a tiny one)."),
+         name: str = typer.Option("tiny-llama"),
+         keep_up: bool = typer.Option(False, help="Leave the stack running afterwards.")) -> None:
+    """The main job on the embedded default: start the stack, import the model, print its manifest."""
+    import os
+
+    started = stack.StackState.load() is None
+    with err.status("starting the embedded stack") as st:
+        state = stack.up(on_step=lambda s: st.update(s))
+    err.print(f"stack up: Ray head {state.ray_start_s:.1f}s, services ready {state.ready_s:.1f}s")
+    try:
+        c = TuneryClient(f"127.0.0.1:{state.ports['registry']}", stack.ensure_token())
+        job = rpc(c.import_model, os.path.abspath(model), name)
+        err.print(f"job {job.id}: importing {model}")
+        render_watch(c, job.id)
+        final = rpc(c.wait, job.id)
+        if final.state != pb.JOB_STATE_SUCCEEDED:
+            err.print(f"[red]import {state_name(final.state)}[/red]: {final.state_reason}")
+            raise typer.Exit(1)
+        emit(rpc(c.get_artifact, final.outputs[0].uri))
+    finally:
+        if started and not keep_up:
+            stack.down()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Proto <-> domain conversion for the shared messages (artifacts, jobs, events). No grpc here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from services.core.artifacts import ArtifactRef, Manifest
+from services.core.jobs import JobEvent, JobRecord, JobState, Resources
+from services.gen.tunery.v1 import common_pb2 as pb
+
+KIND_TO_PB = {
+    "model": pb.ARTIFACT_KIND_MODEL,
+    "dataset": pb.ARTIFACT_KIND_DATASET,
+    "adapter": pb.ARTIFACT_KIND_ADAPTER,
+    "report": pb.ARTIFACT_KIND_REPORT,
+    "checkpoint": pb.ARTIFACT_KIND_CHECKPOINT,
+    "suite": pb.ARTIFACT_KIND_SUITE,
+}
+PB_TO_KIND = {v: k for k, v in KIND_TO_PB.items()}
+STATE_TO_PB = {
+    JobState.VALIDATING: pb.JOB_STATE_VALIDATING,
+    JobState.QUEUED: pb.JOB_STATE_QUEUED,
+    JobState.RUNNING: pb.JOB_STATE_RUNNING,
+    JobState.SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
+    JobState.FAILED: pb.JOB_STATE_FAILED,
+    JobState.CANCELLED: pb.JOB_STATE_CANCELLED,
+}
+PB_TO_STATE = {v: k for k, v in STATE_TO_PB.items()}
+LEVEL_TO_PB = {"debug": pb.EVENT_LEVEL_DEBUG, "info": pb.EVENT_LEVEL_INFO,
+               "warning": pb.EVENT_LEVEL_WARNING, "error": pb.EVENT_LEVEL_ERROR}
+TYPE_TO_PB = {"message": pb.EVENT_TYPE_MESSAGE, "metrics": pb.EVENT_TYPE_METRICS, "artifact": pb.EVENT_TYPE_ARTIFACT}
+
+
+def ts(seconds: float) -> timestamp_pb2.Timestamp | None:
+    if not seconds:
+        return None
+    t = timestamp_pb2.Timestamp()
+    t.FromNanoseconds(int(seconds * 1e9))
+    return t
+
+
+def struct(d: dict[str, Any]) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(d)
+    return s
+
+
+def ref_to_pb(ref: ArtifactRef) -> pb.ArtifactRef:
+    return pb.ArtifactRef(uri=ref.uri, sha256=ref.sha256)
+
+
+def ref_from_pb(ref: pb.ArtifactRef) -> ArtifactRef:
+    return ArtifactRef(uri=ref.uri, sha256=ref.sha256)
+
+
+def manifest_to_pb(m: Manifest) -> pb.Artifact:
+    return pb.Artifact(
+        id=m.id, kind=KIND_TO_PB.get(m.kind, pb.ARTIFACT_KIND_UNSPECIFIED), name=m.name, project=m.project,
+        ref=ref_to_pb(m.ref()), parents=[ref_to_pb(p) for p in m.parents],
+        files=[pb.FileEntry(path=f.path, size=f.size, sha256=f.sha256) for f in m.files],
+        created_by_job=m.created_by_job, created_at=ts(m.created_at), metadata=struct(m.metadata),
+        metrics=m.metrics, total_bytes=m.total_bytes,
+    )
+
+
+def resources_from_pb(r: pb.Resources, default: Resources) -> Resources:
+    if not r.ByteSize():
+        return default
+    return Resources(cpus=r.cpus or default.cpus, gpus=r.gpus, memory_bytes=r.memory_bytes or default.memory_bytes,
+                     accelerator_type=r.accelerator_type, custom=dict(r.custom))
+
+
+def resources_to_pb(r: Resources) -> pb.Resources:
+    return pb.Resources(cpus=r.cpus, gpus=r.gpus, memory_bytes=r.memory_bytes,
+                        accelerator_type=r.accelerator_type, custom=r.custom)
+
+
+def job_to_pb(j: JobRecord) -> pb.Job:
+    return pb.Job(
+        id=j.id, kind=j.kind, service=j.service, state=STATE_TO_PB[j.state], state_reason=j.state_reason,
+        created_at=ts(j.created_at), started_at=ts(j.started_at), finished_at=ts(j.finished_at),
+        spec=struct(j.spec), spec_sha256=j.spec_sha256, resources=resources_to_pb(j.resources),
+        outputs=[ref_to_pb(o) for o in j.outputs], latest_metrics=j.latest_metrics,
+        last_event_cursor=j.last_event_cursor, labels=j.labels,
+    )
+
+
+def event_to_pb(e: JobEvent) -> pb.JobEvent:
+    return pb.JobEvent(
+        cursor=e.cursor, job_id=e.job_id, time=ts(e.time), level=LEVEL_TO_PB.get(e.level, pb.EVENT_LEVEL_INFO),
+        type=TYPE_TO_PB.get(e.type, pb.EVENT_TYPE_MESSAGE), text=e.text, step=e.step, total_steps=e.total_steps,
+        metrics=e.metrics, artifact=ref_to_pb(e.artifact) if e.artifact else None,
+        state=STATE_TO_PB[e.state] if e.state else pb.JOB_STATE_UNSPECIFIED,
+    )
+
+
+def message_to_dict(msg) -> dict[str, Any]:
+    """A spec message as the plain dict a typed job spec validates (proto field names, enums as names)."""
+    return json_format.MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def options_from_pb(o: pb.SubmitOptions) -> dict[str, Any]:
+    """SubmitOptions as keyword arguments for a service's submit methods."""
+    return {
+        "key": o.idempotency_key,
+        "resources": resources_from_pb(o.resources, Resources()) if o.HasField("resources") else None,
+        "labels": dict(o.labels),
+    }

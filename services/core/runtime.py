@@ -1,0 +1,81 @@
+"""Wiring shared by every service process: settings -> store, artifact store, job runner -> gRPC servers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from services.core import logs
+from services.core.artifacts import ArtifactStore
+from services.core.jobs import JobRunner, RayJobRunner
+from services.core.server import Registration, create_server, serve_until_signalled
+from services.core.settings import ServiceSettings
+from services.core.store import ObjectStore, open_store
+
+log = logging.getLogger("tunery")
+
+
+@dataclass
+class Runtime:
+    objects: ObjectStore
+    artifacts: ArtifactStore
+    runner: JobRunner
+
+    @classmethod
+    def from_settings(cls, settings: ServiceSettings) -> "Runtime":
+        objects = open_store(settings)
+        artifacts = ArtifactStore(objects, settings.project)
+        return cls(objects, artifacts, RayJobRunner(settings, artifacts, settings.job_env()))
+
+    def readiness(self) -> list[Callable[[], None]]:
+        return [self.objects.ping, self.runner.ping]
+
+
+# A service module exposes build(runtime, settings) -> Registration.
+Builder = Callable[[Runtime, ServiceSettings], Registration]
+
+
+async def start(settings: ServiceSettings, build: Builder, runtime: Runtime | None = None):
+    runtime = runtime or Runtime.from_settings(settings)
+    return await create_server(settings, [build(runtime, settings)], readiness=runtime.readiness())
+
+
+def run_service(settings: ServiceSettings, build: Builder) -> None:
+    """`python -m services.<name>`: serve one service until SIGTERM."""
+    logs.configure(settings.log_level)
+
+    async def main() -> None:
+        server, port = await start(settings, build)
+        await serve_until_signalled([server], settings.shutdown_grace_s)
+
+    asyncio.run(main())
+
+
+def run_many(services: Sequence[tuple[ServiceSettings, Builder]]) -> None:
+    """The embedded stack: every service in one process, each on its own port, sharing one runtime."""
+    logs.configure(services[0][0].log_level)
+
+    async def main() -> None:
+        runtime = Runtime.from_settings(services[0][0])
+        servers = [(await start(s, b, runtime))[0] for s, b in services]
+        await serve_until_signalled(servers, services[0][0].shutdown_grace_s)
+
+    asyncio.run(main())
+
+
+def planned_build(base: type, add: Callable, full_name: str, service: str, issue: str) -> Builder:
+    """The builder of a service whose own RPCs are not implemented yet: they answer UNIMPLEMENTED naming the
+    issue that brings them, while the shared job surface already works."""
+    from services.core.job_api import JobService, JobSurfaceServicer
+    from services.core.server import planned
+
+    servicer_cls = type(f"{base.__name__}Impl", (JobSurfaceServicer, planned(base, service, issue)), {})
+
+    def build(runtime: Runtime, settings: ServiceSettings) -> Registration:
+        servicer = servicer_cls()
+        servicer.jobs = JobService(runtime.runner, service)
+        return Registration(add, servicer, full_name)
+
+    return build

@@ -1,0 +1,100 @@
+"""Settings read from environment variables (pydantic-settings). Each service subclasses ServiceSettings."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Role = Literal["control", "train", "quantize", "serve"]
+ROLES: tuple[str, ...] = ("control", "train", "quantize", "serve")
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class StoreSettings(BaseSettings):
+    """Where artifacts live. file:///path (embedded default) or s3://bucket (MinIO or any S3)."""
+
+    model_config = SettingsConfigDict(env_prefix="TUNERY_", extra="ignore")
+
+    project: str = Field("default", description="Per-project key prefix: projects/<project>/...")
+    store_url: str = Field(
+        default_factory=lambda: "file://" + str(Path(os.environ.get("TUNERY_HOME", Path.home() / ".tunery")) / "store"),
+        description="file:///abs/path or s3://bucket",
+    )
+    s3_endpoint: str = Field("127.0.0.1:9000", description="host:port of the S3 API")
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    s3_part_size: int = Field(16 * 1024 * 1024, description="multipart part size in bytes")
+    s3_retries: int = 5
+    cache_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("TUNERY_HOME", Path.home() / ".tunery")) / "cache",
+        description="where jobs materialise artifacts",
+    )
+
+    @field_validator("project")
+    @classmethod
+    def _project(cls, v: str) -> str:
+        from services.core.errors import InvalidArgument
+        from services.core.keys import validate_name
+
+        try:
+            return validate_name(v, "project")
+        except InvalidArgument as e:
+            raise ValueError(str(e)) from None
+
+    def job_env(self) -> dict[str, str]:
+        """Non-secret store settings handed to jobs; credentials come from the workers' own environment."""
+        return {
+            "TUNERY_PROJECT": self.project,
+            "TUNERY_STORE_URL": self.store_url,
+            "TUNERY_S3_ENDPOINT": self.s3_endpoint,
+            "TUNERY_S3_SECURE": str(self.s3_secure).lower(),
+            "TUNERY_S3_REGION": self.s3_region,
+        }
+
+
+class RaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNERY_", extra="ignore")
+
+    ray_address: str = Field("http://127.0.0.1:8265", description="Ray job API (dashboard) URL")
+    role_resources: bool = Field(False, description="jobs ask for the custom resource tunery_<role>")
+    worker_python_control: str = ""
+    worker_python_train: str = ""
+    worker_python_quantize: str = ""
+    worker_python_serve: str = ""
+
+    def python_for(self, role: str) -> str:
+        """The interpreter a role's jobs run with: the setting, else the repo's .venvs/<role>, else ours."""
+        configured = getattr(self, f"worker_python_{role}", "")
+        if configured:
+            return configured
+        local = REPO_ROOT / ".venvs" / role / "bin" / "python"
+        if role != "control" and local.exists():
+            return str(local)
+        return sys.executable
+
+
+class ServiceSettings(StoreSettings, RaySettings):
+    """What every gRPC service reads. Subclasses set `service` and the default port (env TUNERY_<SERVICE>_PORT)."""
+
+    model_config = SettingsConfigDict(env_prefix="TUNERY_", extra="ignore", validate_by_name=True)
+
+    service: str = "core"
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 in containers")
+    port: int = 0
+    auth_tokens: str = Field("", description="comma-separated bearer tokens; empty disables auth")
+    token_file: Path | None = Field(None, description="a file holding one token (the embedded stack writes it)")
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
+
+    def tokens(self) -> set[str]:
+        tokens = {t.strip() for t in self.auth_tokens.split(",") if t.strip()}
+        if self.token_file and self.token_file.exists():
+            tokens.add(self.token_file.read_text().strip())
+        return tokens

@@ -1,0 +1,79 @@
+"""The registry's job: `python -m services.registry.job <spec-uri>`. Imports a model or a dataset.
+
+setup (read the spec, find the source) -> run (validate, hash, upload blobs) -> save (manifest last).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from services.core.artifacts import ArtifactWriter
+from services.core.jobctx import JobContext
+from services.registry.modelcheck import inspect_model
+from services.registry.service import HUB_PREFIX
+from services.registry.spec import ImportDatasetSpec, ImportModelSpec
+
+
+def upload(ctx: JobContext, writer: ArtifactWriter, root: Path, files: list[Path]) -> float:
+    """Hash and upload each file (a blob already in the store is skipped); returns seconds spent."""
+    total = sum(f.stat().st_size for f in files) or 1
+    t0, done = time.monotonic(), 0
+    for i, f in enumerate(files, 1):
+        ctx.check_cancelled()
+        entry = writer.add_file(f, f.relative_to(root).as_posix())
+        done += entry.size
+        ctx.metrics(i, {"bytes_done": float(done), "fraction": done / total}, total_steps=len(files),
+                    text=f"{entry.path}: {entry.size} bytes, sha256 {entry.sha256[:12]}…")
+    seconds = time.monotonic() - t0
+    ctx.metrics(len(files), {"import_seconds": seconds, "import_mb_per_s": done / 1e6 / max(seconds, 1e-9)},
+                total_steps=len(files))
+    return seconds
+
+
+def import_model(ctx: JobContext, spec: ImportModelSpec) -> None:
+    # setup
+    source = spec.source
+    if source.startswith(HUB_PREFIX):
+        from huggingface_hub import snapshot_download
+
+        ctx.event(f"downloading {source} from the Hugging Face hub")
+        source = snapshot_download(source[len(HUB_PREFIX):], revision=spec.revision or None)
+    root = Path(source)
+    # run: validate, then upload
+    ctx.phase("validating")
+    info = inspect_model(root, spec.allow_trust_remote_code)
+    ctx.event(f"{info['architecture'] or info['model_type']}: {info['parameters']:,} parameters, {info['dtype']}"
+              f"{', MoE with %d experts' % info['num_experts'] if info['is_moe'] else ''}, "
+              f"chat template {'present' if info['has_chat_template'] else 'absent'}")
+    ctx.phase("running")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(root).parts))
+    writer = ctx.writer("model", spec.name)
+    seconds = upload(ctx, writer, root, files)
+    # save
+    ctx.commit(writer, metadata={"form": "base", "source": spec.source, "revision": spec.revision, **info},
+               metrics={"import_seconds": seconds, "bytes_uploaded": float(writer.bytes_uploaded),
+                        "import_mb_per_s": writer.bytes_total / 1e6 / max(seconds, 1e-9)})
+
+
+def import_dataset(ctx: JobContext, spec: ImportDatasetSpec) -> None:
+    path = Path(spec.source)
+    writer = ctx.writer("dataset", spec.name)
+    seconds = upload(ctx, writer, path.parent, [path])
+    ctx.commit(writer, metadata={"stage": "raw", "format_hint": spec.format, "source": spec.source,
+                                 "file": path.name}, metrics={"import_seconds": seconds})
+
+
+def main() -> None:
+    with JobContext.from_argv() as ctx:
+        if ctx.envelope.kind == "registry.import_model":
+            import_model(ctx, ImportModelSpec.model_validate(ctx.spec))
+        elif ctx.envelope.kind == "registry.import_dataset":
+            import_dataset(ctx, ImportDatasetSpec.model_validate(ctx.spec))
+        else:
+            ctx.fail(f"the registry job does not know kind {ctx.envelope.kind!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Checks that a directory is a usable Hugging Face causal LM, without torch.
+
+`quick_check` is what the service runs before queueing (cheap, precise status codes); `inspect_model` is what
+the import job runs: safetensors headers, tokenizer, chat template, architecture, parameter count, dtype, MoE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from services.core.errors import FailedPrecondition, InvalidArgument, NotFound
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 0.5,
+               "F6_E2M3": 0.75, "F6_E3M2": 0.75}
+MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+MAX_HEADER = 100 * 1024 * 1024
+SAMPLE_CHAT = [
+    {"role": "system", "content": "You are helpful."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Bye"},
+]
+
+
+def load_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InvalidArgument.field(what, f"{path.name} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}") from None
+    except UnicodeDecodeError as e:
+        raise InvalidArgument.field(what, f"{path.name} is not UTF-8 (byte {e.start})") from None
+
+
+def quick_check(source: str, allow_trust_remote_code: bool) -> dict[str, Any]:
+    """The checks worth answering synchronously with a precise status. Returns the parsed config."""
+    path = Path(source)
+    if not path.is_absolute():
+        raise InvalidArgument.field("spec.source", f"{source!r} must be an absolute path (or hf://org/name)")
+    if not path.exists():
+        raise NotFound(f"spec.source: {source} does not exist on this host")
+    if not path.is_dir():
+        raise InvalidArgument.field("spec.source", f"{source} is a file; give the model's directory")
+    if not (path / "config.json").is_file():
+        found = sorted(p.name for p in path.iterdir())[:8]
+        raise InvalidArgument.field(
+            "spec.source", f"{source} is not a Hugging Face model directory: no config.json (found: {', '.join(found) or 'nothing'})")
+    config = load_json(path / "config.json", "spec.source")
+    if not isinstance(config, dict):
+        raise InvalidArgument.field("spec.source", "config.json must hold a JSON object")
+    if not (config.get("model_type") or config.get("architectures")):
+        raise InvalidArgument.field("spec.source", "config.json names no model_type or architectures")
+    if (config.get("auto_map") or any(p.suffix == ".py" for p in path.iterdir())) and not allow_trust_remote_code:
+        raise FailedPrecondition(
+            f"{source} ships custom code (auto_map / *.py), which would run with trust_remote_code; "
+            "review it and set allow_trust_remote_code to import it anyway")
+    return config
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise InvalidArgument.field("spec.source", f"{path.name} is truncated (no safetensors header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER or n + 8 > size:
+            raise InvalidArgument.field("spec.source", f"{path.name}: header length {n} does not fit the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidArgument.field("spec.source", f"{path.name}: safetensors header is not valid JSON: {e}") from None
+    body = size - 8 - n
+    for name, t in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = t["data_offsets"]
+        want = math.prod(t["shape"]) * DTYPE_BYTES.get(t["dtype"], 0)
+        if end > body or begin > end or (want and end - begin != int(want)):
+            raise InvalidArgument.field(
+                "spec.source", f"{path.name}: tensor {name} ({t['dtype']} {t['shape']}) has offsets {begin}..{end} "
+                f"that do not match its size or the file (body {body} bytes); the file is corrupt or truncated")
+    return header
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = load_json(index, "spec.source").get("weight_map", {})
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise InvalidArgument.field("spec.source", f"model.safetensors.index.json names missing shards: {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth")]
+        hint = f" (found {', '.join(pickles)}: convert to safetensors first; pickled weights can run code)" if pickles else ""
+        raise InvalidArgument.field("spec.source", f"no *.safetensors weights in {path}{hint}")
+    return files
+
+
+def chat_template(path: Path, tok_config: dict[str, Any]) -> str:
+    jinja = path / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    tmpl = tok_config.get("chat_template")
+    if isinstance(tmpl, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in tmpl}
+        tmpl = named.get("default") or next(iter(named.values()), None)
+    if not tmpl and (path / "chat_template.json").is_file():
+        tmpl = load_json(path / "chat_template.json", "spec.source").get("chat_template")
+    return tmpl or ""
+
+
+def render_chat_template(template: str, tok_config: dict[str, Any]) -> str:
+    """Compile and render the template the way transformers does (sandboxed jinja2)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(msg: str):
+        raise TemplateError(msg)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    env.tests["generation"] = lambda *a: True
+
+    def token(name: str) -> str:
+        v = tok_config.get(name)
+        return v.get("content", "") if isinstance(v, dict) else (v or "")
+
+    try:
+        # transformers' {% generation %} block tag is not standard jinja: render it as plain text here.
+        source = template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+        source = source.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+        return env.from_string(source).render(messages=SAMPLE_CHAT, add_generation_prompt=True, tools=None,
+                                              bos_token=token("bos_token"), eos_token=token("eos_token"))
+    except TemplateError as e:
+        raise InvalidArgument.field("spec.source", f"the chat template does not render: {e}") from None
+
+
+def inspect_model(path: Path, allow_trust_remote_code: bool) -> dict[str, Any]:
+    config = quick_check(str(path), allow_trust_remote_code)
+    files = weight_files(path)
+    params, dtypes = 0, Counter()
+    for f in files:
+        for name, t in read_safetensors_header(f).items():
+            if name == "__metadata__":
+                continue
+            n = math.prod(t["shape"])
+            params += n
+            dtypes[t["dtype"]] += n
+    tokenizer_kind = ""
+    if (path / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        except Exception as e:
+            raise InvalidArgument.field("spec.source", f"tokenizer.json does not load: {e}") from None
+        tokenizer_kind, vocab = "tokenizers", tok.get_vocab_size()
+    elif (path / "tokenizer.model").is_file():
+        tokenizer_kind, vocab = "sentencepiece", config.get("vocab_size", 0)
+    else:
+        raise InvalidArgument.field("spec.source", "no tokenizer (tokenizer.json or tokenizer.model) in the model directory")
+    tok_config = load_json(path / "tokenizer_config.json", "spec.source") if (path / "tokenizer_config.json").is_file() else {}
+    template = chat_template(path, tok_config)
+    rendered = render_chat_template(template, tok_config) if template else ""
+    architectures = config.get("architectures") or []
+    arch = architectures[0] if architectures else ""
+    text_config = config.get("text_config") or config
+    experts = next((int(text_config[k]) for k in MOE_KEYS if text_config.get(k)), 0)
+    return {
+        "architecture": arch,
+        "model_type": config.get("model_type", ""),
+        "is_causal_lm": arch.endswith("ForCausalLM") or arch.endswith("ForConditionalGeneration"),
+        "parameters": params,
+        "dtype": dtypes.most_common(1)[0][0] if dtypes else "",
+        "dtypes": dict(dtypes),
+        "is_moe": experts > 1,
+        "num_experts": experts,
+        "experts_per_token": int(text_config.get("num_experts_per_tok") or 0),
+        "hidden_size": text_config.get("hidden_size", 0),
+        "num_layers": text_config.get("num_hidden_layers", 0),
+        "max_position_embeddings": text_config.get("max_position_embeddings", 0),
+        "vocab_size": vocab,
+        "tokenizer": tokenizer_kind,
+        "has_chat_template": bool(template),
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else "",
+        "chat_template_sample": rendered[:2000],
+        "weight_files": [f.name for f in files],
+        "trust_remote_code": bool(config.get("auto_map")),
+    }

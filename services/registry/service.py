@@ -1,0 +1,95 @@
+"""Registry logic: validate imports and queue them as jobs; list, get, walk and delete artifacts. No grpc."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from pydantic import Field
+
+from services.core.artifacts import KINDS, ArtifactStore, Manifest
+from services.core.errors import InvalidArgument, NotFound
+from services.core.job_api import JobService, page_size
+from services.core.jobs import JobRecord, JobRequest, JobRunner, Resources, check_resources
+from services.core.keys import validate_id, validate_name
+from services.core.settings import ServiceSettings
+from services.registry.modelcheck import quick_check
+from services.registry.spec import DATASET_SUFFIXES, ImportDatasetSpec, ImportModelSpec
+
+HUB_PREFIX = "hf://"
+
+
+class RegistrySettings(ServiceSettings):
+    service: str = "registry"
+    port: int = Field(50051, validation_alias="TUNERY_REGISTRY_PORT")
+    import_cpus: float = Field(1.0, description="CPUs an import job asks Ray for")
+
+
+class RegistryService:
+    SERVICE = "registry"
+
+    def __init__(self, artifacts: ArtifactStore, runner: JobRunner, settings: RegistrySettings):
+        self.artifacts, self.runner, self.settings = artifacts, runner, settings
+        self.jobs = JobService(runner, self.SERVICE)
+
+    def _submit(self, kind: str, spec, key: str, resources: Resources | None, labels: dict[str, str]) -> JobRecord:
+        resources = resources or Resources(cpus=self.settings.import_cpus)
+        check_resources(resources)
+        return self.runner.submit(JobRequest(kind=kind, service=self.SERVICE, role="control", spec=spec.model_dump(),
+                                             idempotency_key=key, resources=resources, labels=labels))
+
+    async def import_model(self, spec: ImportModelSpec, key: str = "", resources: Resources | None = None,
+                           labels: dict[str, str] | None = None) -> JobRecord:
+        validate_name(spec.name, "spec.name")
+        if key:
+            validate_id(key, "options.idempotency_key")
+        if spec.source.startswith(HUB_PREFIX):
+            if not spec.source[len(HUB_PREFIX):].count("/") == 1:
+                raise InvalidArgument.field("spec.source", f"{spec.source!r}: use hf://<org>/<name>")
+        else:
+            await asyncio.to_thread(quick_check, spec.source, spec.allow_trust_remote_code)
+        return await asyncio.to_thread(self._submit, "registry.import_model", spec, key, resources, labels or {})
+
+    async def import_dataset(self, spec: ImportDatasetSpec, key: str = "", resources: Resources | None = None,
+                             labels: dict[str, str] | None = None) -> JobRecord:
+        validate_name(spec.name, "spec.name")
+        if key:
+            validate_id(key, "options.idempotency_key")
+        path = Path(spec.source)
+        if not path.is_absolute():
+            raise InvalidArgument.field("spec.source", f"{spec.source!r} must be an absolute path")
+        if not path.exists():
+            raise NotFound(f"spec.source: {spec.source} does not exist on this host")
+        if not path.is_file():
+            raise InvalidArgument.field("spec.source", f"{spec.source} is not a regular file")
+        if path.suffix.lower() not in DATASET_SUFFIXES:
+            raise InvalidArgument.field("spec.source", f"{path.name}: use one of {', '.join(DATASET_SUFFIXES)}")
+        if path.stat().st_size == 0:
+            raise InvalidArgument.field("spec.source", f"{path.name} is empty")
+        return await asyncio.to_thread(self._submit, "registry.import_dataset", spec, key, resources, labels or {})
+
+    async def list(self, kind: str, name: str, size: int, after: str) -> tuple[list[Manifest], str]:
+        if kind and kind not in KINDS:
+            raise InvalidArgument.field("kind", f"{kind!r} is not one of {', '.join(KINDS)}")
+        if name:
+            validate_name(name, "name")
+        if after:
+            validate_id(after, "page_token")
+        return await asyncio.to_thread(self.artifacts.list, kind, name, after=after, limit=page_size(size))
+
+    async def get(self, id_or_uri: str) -> Manifest:
+        return await asyncio.to_thread(self.artifacts.get, self._required(id_or_uri))
+
+    async def lineage(self, id_or_uri: str, max_depth: int) -> list[Manifest]:
+        if max_depth < 0:
+            raise InvalidArgument.field("max_depth", "must be ≥ 0")
+        return await asyncio.to_thread(self.artifacts.lineage, self._required(id_or_uri), max_depth)
+
+    async def delete(self, id_or_uri: str) -> Manifest:
+        return await asyncio.to_thread(self.artifacts.delete, self._required(id_or_uri))
+
+    @staticmethod
+    def _required(id_or_uri: str) -> str:
+        if not id_or_uri:
+            raise InvalidArgument.field("id", "is required (an artifact id or tunery:// uri)")
+        return id_or_uri

@@ -1,0 +1,151 @@
+"""The typed Python SDK: wraps the generated stubs, attaches the bearer token, resumes watches.
+
+    with TuneryClient("127.0.0.1:50051", token=...) as c:
+        job = c.import_model("/models/llama", name="llama")
+        for ev in c.watch(job.id):
+            print(ev.text)
+        job = c.wait(job.id)
+
+The CLI is built on it. Methods return the generated message types (typed by mypy-protobuf stubs).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+
+from services.gen.tunery.v1 import common_pb2 as pb
+from services.gen.tunery.v1 import registry_pb2, registry_pb2_grpc
+
+TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def default_token() -> str:
+    if os.environ.get("TUNERY_TOKEN"):
+        return os.environ["TUNERY_TOKEN"]
+    path = Path(os.environ.get("TUNERY_HOME", Path.home() / ".tunery")) / "token"
+    return path.read_text().strip() if path.exists() else ""
+
+
+class TuneryClient:
+    def __init__(self, target: str = "", token: str | None = None, *, timeout: float = 30.0):
+        self.target = target or os.environ.get("TUNERY_REGISTRY_ADDR", "127.0.0.1:50051")
+        self.token = default_token() if token is None else token
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(self.target)
+        self.registry = registry_pb2_grpc.RegistryServiceStub(self.channel)
+
+    def __enter__(self) -> "TuneryClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    @property
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.token}")] if self.token else []
+
+    def _call(self, method, request, timeout: float | None = None):
+        return method(request, metadata=self.metadata, timeout=timeout or self.timeout)
+
+    # ------------------------------------------------------------------ registry
+    @staticmethod
+    def _options(key: str, options: pb.SubmitOptions | None) -> pb.SubmitOptions:
+        opts = pb.SubmitOptions()
+        if options is not None:
+            opts.CopyFrom(options)
+        if key:
+            opts.idempotency_key = key
+        return opts
+
+    def import_model(self, source: str, name: str, *, key: str = "", allow_trust_remote_code: bool = False,
+                     revision: str = "", options: pb.SubmitOptions | None = None) -> pb.Job:
+        spec = registry_pb2.ImportModelSpec(source=source, name=name, revision=revision,
+                                            allow_trust_remote_code=allow_trust_remote_code)
+        return self._call(self.registry.ImportModel,
+                          registry_pb2.ImportModelRequest(spec=spec, options=self._options(key, options)))
+
+    def import_dataset(self, source: str, name: str, *, key: str = "", format: int = 0,
+                       options: pb.SubmitOptions | None = None) -> pb.Job:
+        spec = registry_pb2.ImportDatasetSpec(source=source, name=name, format=format)
+        return self._call(self.registry.ImportDataset,
+                          registry_pb2.ImportDatasetRequest(spec=spec, options=self._options(key, options)))
+
+    def list_artifacts(self, kind: int = 0, name: str = "", page_size: int = 100) -> Iterator[pb.Artifact]:
+        token = ""
+        while True:
+            resp = self._call(self.registry.ListArtifacts, registry_pb2.ListArtifactsRequest(
+                kind=kind, name=name, page_size=page_size, page_token=token))
+            yield from resp.artifacts
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def get_artifact(self, artifact_id: str) -> pb.Artifact:
+        return self._call(self.registry.GetArtifact, registry_pb2.GetArtifactRequest(id=artifact_id))
+
+    def lineage(self, artifact_id: str, max_depth: int = 0) -> list[pb.Artifact]:
+        return list(self._call(self.registry.GetLineage,
+                               registry_pb2.GetLineageRequest(id=artifact_id, max_depth=max_depth)).artifacts)
+
+    def delete_artifact(self, artifact_id: str) -> str:
+        return self._call(self.registry.DeleteArtifact, registry_pb2.DeleteArtifactRequest(id=artifact_id)).id
+
+    # ------------------------------------------------------------------ jobs (any service's; routed via the registry)
+    def get_job(self, job_id: str) -> pb.Job:
+        return self._call(self.registry.GetJob, pb.GetJobRequest(job_id=job_id))
+
+    def list_jobs(self, *, states: list[int] | None = None, kind: str = "", page_size: int = 100) -> Iterator[pb.Job]:
+        token = ""
+        while True:
+            resp = self._call(self.registry.ListJobs, pb.ListJobsRequest(
+                states=states or [], kind=kind, page_size=page_size, page_token=token, all_services=True))
+            yield from resp.jobs
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def cancel_job(self, job_id: str, reason: str = "") -> pb.Job:
+        return self._call(self.registry.CancelJob, pb.CancelJobRequest(job_id=job_id, reason=reason))
+
+    def watch(self, job_id: str, after_cursor: int = 0, *, follow: bool = True,
+              reconnect_for_s: float = 60.0) -> Iterator[pb.JobEvent]:
+        """Every event after `after_cursor`; on a dropped connection it reconnects from the last cursor seen,
+        so nothing is missed or repeated."""
+        cursor, down_since = after_cursor, None
+        while True:
+            try:
+                stream = self.registry.WatchJob(
+                    pb.WatchJobRequest(job_id=job_id, after_cursor=cursor, no_follow=not follow),
+                    metadata=self.metadata)
+                for ev in stream:
+                    down_since = None
+                    if ev.cursor > cursor:
+                        cursor = ev.cursor
+                    yield ev
+                return
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE:
+                    raise
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > reconnect_for_s:
+                    raise
+                time.sleep(0.3)
+
+    def wait(self, job_id: str, timeout: float = 600.0, poll_s: float = 0.3) -> pb.Job:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get_job(job_id)
+            if job.state in TERMINAL:
+                return job
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {pb.JobState.Name(job.state)} after {timeout:.0f}s")
+            time.sleep(poll_s)

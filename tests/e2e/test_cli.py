@@ -1,0 +1,77 @@
+"""The whole user path through the `tunery` CLI: the embedded stack, imports, artifacts and jobs.
+
+Today the pipeline is import -> manifest; later issues extend this file stage by stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.servers import REPO, free_port, in_loopback_namespace
+
+pytestmark = pytest.mark.e2e
+TUNERY = str(Path(sys.executable).with_name("tunery"))
+
+
+@pytest.fixture
+def cli_env(tmp_path):
+    if not in_loopback_namespace() and os.environ.get("TUNERY_NETNS") != "0":
+        pytest.fail("e2e tests start a Ray head: run them through `make test` (loopback-only namespace)")
+    env = {**os.environ, "TUNERY_HOME": str(tmp_path / "home")}
+    for name in ("registry", "datagen", "training", "merging", "quantization", "evaluation", "serving", "pipeline"):
+        env[f"TUNERY_{name.upper()}_PORT"] = str(free_port())
+    env.pop("TUNERY_TOKEN", None)
+    yield env
+    subprocess.run([TUNERY, "down"], env=env, capture_output=True, timeout=120)
+
+
+def tunery(env, *args, check=True, timeout=300):
+    out = subprocess.run([TUNERY, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check and out.returncode != 0:
+        raise AssertionError(f"tunery {' '.join(args)} -> {out.returncode}\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+def fixture(name: str) -> Path:
+    return Path(os.environ.get("TUNERY_FIXTURES", REPO / "build" / "fixtures")) / name
+
+
+def test_demo_is_the_main_job(cli_env):
+    out = tunery(cli_env, "demo", "--model", str(fixture("tiny-llama")))
+    manifest = json.loads(out.stdout)
+    assert manifest["id"].startswith("model-tiny-llama-") and manifest["kind"] == "ARTIFACT_KIND_MODEL"
+    assert {f["path"] for f in manifest["files"]} >= {"config.json", "tokenizer.json"}
+    assert "succeeded" in out.stderr
+    assert not (Path(cli_env["TUNERY_HOME"]) / "stack.json").exists()  # the demo stopped what it started
+
+
+def test_up_import_inspect_down(cli_env, tmp_path):
+    tunery(cli_env, "up", "--num-cpus", "2")
+    status = json.loads(tunery(cli_env, "--json", "status").stdout)
+    assert set(status["health"].values()) == {"SERVING"} and len(status["health"]) == 8
+    tunery(cli_env, "models", "import", str(fixture("tiny-moe")), "--name", "tiny-moe", "--key", "moe-1")
+    arts = json.loads(tunery(cli_env, "--json", "artifacts", "list", "--kind", "model").stdout)
+    assert [a["name"] for a in arts] == ["tiny-moe"] and arts[0]["metadata"]["is_moe"] is True
+    shown = json.loads(tunery(cli_env, "--json", "artifacts", "show", arts[0]["id"]).stdout)
+    assert shown["ref"]["sha256"] == arts[0]["ref"]["sha256"]
+    jobs = json.loads(tunery(cli_env, "--json", "jobs", "list").stdout)
+    assert [(j["id"], j["state"]) for j in jobs] == [("moe-1", "JOB_STATE_SUCCEEDED")]
+    events = [json.loads(l) for l in tunery(cli_env, "--json", "jobs", "watch", "moe-1").stdout.splitlines()]
+    assert events[-1]["state"] == "JOB_STATE_SUCCEEDED" and int(events[0]["cursor"]) == 1
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    tunery(cli_env, "datasets", "import", str(data), "--name", "tiny-data")
+    bad = tunery(cli_env, "models", "import", str(tmp_path / "missing"), "--name", "x", check=False)
+    assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr
+    bad = tunery(cli_env, "models", "import", str(fixture("tiny-llama")), "--name", "../x", check=False)
+    assert bad.returncode == 2 and "spec.name" in bad.stderr
+    bad = tunery({**cli_env, "TUNERY_TOKEN": "wrong"}, "artifacts", "list", check=False)
+    assert bad.returncode == 2 and "UNAUTHENTICATED" in bad.stderr
+    tunery(cli_env, "down")
+    assert tunery(cli_env, "status", check=False).returncode == 1
