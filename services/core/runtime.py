@@ -71,7 +71,7 @@ def planned_build(base: type, add: Callable, full_name: str, service: str, issue
     from services.core.job_api import JobService, JobSurfaceServicer
     from services.core.server import planned
 
-    servicer_cls = type(f"{base.__name__}Impl", (JobSurfaceServicer, planned(base, service, issue)), {})
+    servicer_cls = type(f"{base.__name__}Impl", (JobSurfaceServicer, planned(base, issue)), {})
 
     def build(runtime: Runtime, settings: ServiceSettings) -> Registration:
         servicer = servicer_cls()

@@ -203,7 +203,7 @@ async def serve_until_signalled(servers: Sequence[grpc.aio.Server], grace: float
     await asyncio.gather(*(stop_server(s, grace) for s in servers))
 
 
-def planned(base: type, service: str, issue: str, keep: Sequence[str] = ()) -> type:
+def planned(base: type, issue: str, keep: Sequence[str] = ()) -> type:
     """A servicer class whose RPCs (other than `keep` and the job surface) answer UNIMPLEMENTED with a sentence
     naming the issue that will implement them."""
     job_rpcs = {"GetJob", "ListJobs", "CancelJob", "WatchJob"}

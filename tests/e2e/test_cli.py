@@ -75,3 +75,24 @@ def test_up_import_inspect_down(cli_env, tmp_path):
     assert bad.returncode == 2 and "UNAUTHENTICATED" in bad.stderr
     tunery(cli_env, "down")
     assert tunery(cli_env, "status", check=False).returncode == 1
+
+
+def test_up_against_an_s3_server(cli_env):
+    """`tunery up --store-url s3://... --s3-endpoint ...` switches the embedded stack to S3 (moto stands in for MinIO)."""
+    from tests.servers import S3Server
+
+    s3 = S3Server()
+    try:
+        env = {**cli_env, "TUNERY_S3_ACCESS_KEY": "e2e", "TUNERY_S3_SECRET_KEY": "e2e-secret"}
+        tunery(env, "up", "--num-cpus", "2", "--store-url", "s3://tunery-e2e", "--s3-endpoint", s3.endpoint)
+        tunery(env, "models", "import", str(fixture("tiny-llama")), "--name", "on-s3")
+        arts = json.loads(tunery(env, "--json", "artifacts", "list").stdout)
+        assert [a["name"] for a in arts] == ["on-s3"]
+        from minio import Minio
+
+        m = Minio(s3.endpoint, access_key="e2e", secret_key="e2e-secret", secure=False)
+        keys = [o.object_name for o in m.list_objects("tunery-e2e", prefix="projects/default/artifacts/", recursive=True)]
+        assert keys == [f"projects/default/artifacts/{arts[0]['id']}/manifest.json"]
+        tunery(env, "down")
+    finally:
+        s3.stop()

@@ -68,17 +68,18 @@ def registry(servers, settings):
     client.close()
 
 
-@pytest.fixture(scope="session")
-def tiny_model() -> Path:
-    path = Path(os.environ.get("TUNERY_FIXTURES", REPO / "build" / "fixtures")) / "tiny-llama"
+def fixture_model(name: str) -> Path:
+    path = Path(os.environ.get("TUNERY_FIXTURES", REPO / "build" / "fixtures")) / name
     if not (path / "config.json").exists():
         pytest.fail(f"{path} is missing: build the fixtures with `make fixtures` (make test does it)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    return fixture_model("tiny-llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_moe() -> Path:
-    path = Path(os.environ.get("TUNERY_FIXTURES", REPO / "build" / "fixtures")) / "tiny-moe"
-    if not (path / "config.json").exists():
-        pytest.fail(f"{path} is missing: build the fixtures with `make fixtures` (make test does it)")
-    return path
+    return fixture_model("tiny-moe")

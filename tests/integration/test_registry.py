@@ -65,6 +65,12 @@ def test_import_model_end_to_end(registry, settings, tiny_model, tmp_path):
         assert (local / rel).read_bytes() == src.read_bytes()
     listed = [a.id for a in registry.list_artifacts(kind=pb.ARTIFACT_KIND_MODEL)]
     assert listed == [art.id]
+    # the job's own logs are JSON lines carrying its job id
+    from ray.job_submission import JobSubmissionClient
+
+    lines = [json.loads(l) for l in JobSubmissionClient(settings.ray_address).get_job_logs(job.id).splitlines()
+             if l.startswith("{")]
+    assert lines and all(rec["job_id"] == job.id for rec in lines)
 
 
 def test_moe_model_is_recognised(registry, tiny_moe):
