@@ -27,6 +27,8 @@ from services.core.settings import ServiceSettings
 log = logging.getLogger("tunery.server")
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# Liveness: SERVING while the process can answer, whatever Ray and the store do (readiness is "" and the services).
+LIVENESS = "tunery.liveness"
 REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 
 
@@ -171,6 +173,7 @@ async def create_server(settings: ServiceSettings, registrations: Sequence[Regis
         r.add(r.servicer, server)
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:

@@ -297,6 +297,7 @@ def test_health_is_not_serving_until_ray_answers(servers, settings):
     time.sleep(1.5)
     assert health(port) == "NOT_SERVING"
     assert health(port, "tunery.v1.RegistryService") == "NOT_SERVING"
+    assert health(port, "tunery.liveness") == "SERVING"  # alive, just not ready
 
 
 def test_service_process_shuts_down_gracefully_on_sigterm(settings, tmp_path):

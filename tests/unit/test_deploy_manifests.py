@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from services.core.server import LIVENESS
+
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
 BASE = K8S / "base"
@@ -179,7 +181,9 @@ def test_service_deployment(name: str, port: int):
 
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         assert c[probe]["grpc"]["port"] == port, f"{probe} is not a gRPC probe on {port}"
-        assert "service" not in c[probe]["grpc"], "the overall status ('') is what the server maintains"
+    # readiness follows the overall status (Ray and the store answer); liveness only that the process does
+    assert "service" not in c["readinessProbe"]["grpc"] and "service" not in c["startupProbe"]["grpc"]
+    assert c["livenessProbe"]["grpc"]["service"] == LIVENESS
 
     res = c["resources"]
     for kind in ("requests", "limits"):
@@ -438,6 +442,14 @@ def test_control_dockerfile_defaults():
 def test_worker_dockerfile_roles():
     text = (DOCKER / "Dockerfile.worker").read_text()
     assert re.search(r"^ARG ROLE=train$", text, re.M) and re.search(r"^ARG DEVICE=cpu$", text, re.M)
+    # the serve image drops the same packages as infra/scripts/setup-env.sh does for .venvs/serve
+    setup_env = REPO / "infra" / "scripts" / "setup-env.sh"
+    if setup_env.exists():
+        m = re.search(r"serve\)\s*EXCLUDE=\(([^)]*)\)", setup_env.read_text())
+        if m:
+            excluded = m.group(1).split()
+            dropped = re.search(r"pip uninstall -y ([\w\- ]+?)\s*\|\|", text)
+            assert dropped and dropped.group(1).split() == excluded, "keep Dockerfile.worker in step with setup-env.sh"
     start = (DOCKER / "worker-start.sh").read_text()
     assert "--block" in start and 'tunery_$role' in start
     assert start.startswith("#!/bin/sh")
