@@ -22,10 +22,12 @@ models_app = typer.Typer(help="Base models.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Datasets.", no_args_is_help=True)
 artifacts_app = typer.Typer(help="Artifacts in the store.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Jobs of every service.", no_args_is_help=True)
+data_app = typer.Typer(help="Data: prepare (validate, dedup, split, report) and generate.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(data_app, name="data")
 
 out = Console()
 err = Console(stderr=True)
@@ -45,12 +47,9 @@ def root(
 
 def client() -> TuneryClient:
     """--target / TUNERY_REGISTRY_ADDR, else the running embedded stack's registry, else 127.0.0.1:50051."""
-    target = OPTS["target"]
-    if not target:
-        state = stack.StackState.load()
-        if state and "registry" in state.ports:
-            target = f"127.0.0.1:{state.ports['registry']}"
-    return TuneryClient(target, OPTS["token"])
+    state = stack.StackState.load()
+    endpoints = {name: f"127.0.0.1:{port}" for name, port in state.ports.items()} if state else {}
+    return TuneryClient(OPTS["target"], OPTS["token"], endpoints=endpoints)
 
 
 def to_dict(msg) -> dict[str, Any]:
@@ -191,6 +190,57 @@ def datasets_import(
     final = follow(c, rpc(c.import_dataset, os.path.abspath(path), name, key=key), watch)
     if watch and final.outputs and not OPTS["json"]:
         out.print(f"dataset artifact: {final.outputs[0].uri}")
+
+
+# ---------------------------------------------------------------------- data
+DEDUP_NAMES = {"none": 1, "exact": 2, "near": 3}
+
+
+@data_app.command("prepare")
+def data_prepare(
+    dataset: str = typer.Argument(..., help="A raw dataset artifact (id or tunery:// uri)."),
+    base: str = typer.Option(..., "--base", help="The base model artifact: its tokenizer and chat template."),
+    holdout: float = typer.Option(0.1, help="Fraction held out for evaluation (0..0.5)."),
+    dedup: str = typer.Option("near", help="none, exact or near."),
+    max_tokens: int = typer.Option(0, help="Warn about longer examples (0: no limit)."),
+    seed: int = typer.Option(0),
+    min_examples: int = typer.Option(1),
+    stratify: str = typer.Option("", help="A label field to stratify the split on."),
+    name: str = typer.Option("", help="Artifact name (default <dataset>-prepared)."),
+    key: str = typer.Option("", "--key"),
+    watch: bool = typer.Option(True),
+) -> None:
+    """Parse, validate, deduplicate and split a dataset into the canonical chat form, with an inspection report."""
+    if dedup not in DEDUP_NAMES:
+        err.print(f"--dedup must be one of {', '.join(DEDUP_NAMES)}")
+        raise typer.Exit(2)
+    c = client()
+    job = rpc(c.prepare_dataset, dataset, base, name=name, holdout=holdout, dedup=DEDUP_NAMES[dedup],
+              max_tokens=max_tokens, seed=seed, min_examples=min_examples, stratify_field=stratify, key=key)
+    final = follow(c, job, watch)
+    if watch and final.outputs and not OPTS["json"]:
+        out.print(f"prepared dataset: {final.outputs[-1].uri}  (tunery data report {final.outputs[-1].uri})")
+
+
+@data_app.command("report")
+def data_report(artifact: str = typer.Argument(..., help="A prepared dataset (or a failed prepare's report)."),
+                open_it: bool = typer.Option(False, "--open", help="Open the HTML report in a browser.")) -> None:
+    """Print a dataset's inspection report and save its HTML locally."""
+    c = client()
+    report = rpc(c.dataset_report, artifact)
+    path = rpc(c.download, artifact, "report.html", stack.home() / "reports" / report.dataset.uri.rsplit("/", 1)[-1] / "report.html")
+    if OPTS["json"]:
+        emit({**to_dict(report), "html": str(path)})
+    else:
+        out.print(f"{report.dataset.uri}: {report.num_input} read, {report.num_train} train, {report.num_holdout} "
+                  f"held out, {report.num_duplicates} duplicates, {report.num_errors} errors, {report.num_warnings} warnings")
+        for issue in report.issues[:20]:
+            out.print(f"  {issue.file}:{issue.line}: {issue.field + ': ' if issue.field else ''}{issue.message}")
+        out.print(f"report: {path}")
+    if open_it:
+        import webbrowser
+
+        webbrowser.open(path.as_uri())
 
 
 # ---------------------------------------------------------------------- artifacts

@@ -17,8 +17,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-SERVICE_PORTS = {"registry": 50051, "datagen": 50052, "training": 50053, "merging": 50054,
-                 "quantization": 50055, "evaluation": 50056, "serving": 50057, "pipeline": 50058}
+from services.sdk.client import SERVICE_PORTS
 
 
 def home() -> Path:

@@ -102,7 +102,7 @@ class ArtifactStore:
     def key(self, *parts: str) -> str:
         return self.prefix + "/".join(parts)
 
-    def _blob_key(self, sha: str) -> str:
+    def blob_key(self, sha: str) -> str:
         return self.key("blobs", "sha256", sha[:2], sha)
 
     def _manifest_key(self, artifact_id: str) -> str:
@@ -127,7 +127,7 @@ class ArtifactStore:
         """Store a file's content once. Returns (sha256, size, bytes uploaded: 0 when already stored)."""
         sha = sha or sha256_file(path)
         size = path.stat().st_size
-        key = self._blob_key(sha)
+        key = self.blob_key(sha)
         if self.objects.size(key) == size:
             return sha, size, 0
         self.objects.put_file(key, path)
@@ -225,26 +225,33 @@ class ArtifactStore:
 
     def read_file(self, id_or_uri: str, path: str) -> bytes:
         entry = self.get(id_or_uri).file(path)
-        data = self.objects.get_bytes(self._blob_key(entry.sha256))
+        data = self.objects.get_bytes(self.blob_key(entry.sha256))
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             raise IntegrityError(f"blob for {path} does not match its sha256 {entry.sha256}")
         return data
 
-    def materialize(self, ref: ArtifactRef | str, cache_dir: Path) -> Path:
+    def materialize(self, ref: ArtifactRef | str, cache_dir: Path, paths: Iterable[str] | None = None) -> Path:
         """Download an artifact's files into cache_dir/<project>/<id>, each verified against its sha256.
-        A complete copy is reused; a partial one is never visible under the final name."""
+        `paths` limits it to those files that exist (a tokenizer without the weights, say), in a folder of
+        its own. A complete copy is reused; a partial one is never visible under the final name."""
         m = self.resolve(ref) if isinstance(ref, ArtifactRef) else self.get(ref)
-        dest = Path(cache_dir) / self.project / m.id
+        files = m.files
+        folder = m.id
+        if paths is not None:
+            wanted = set(paths)
+            files = [f for f in m.files if f.path in wanted]
+            folder += "-" + hashlib.sha256("\n".join(sorted(wanted)).encode()).hexdigest()[:8]
+        dest = Path(cache_dir) / self.project / folder
         marker = dest / ".tunery-complete"
         if marker.exists() and marker.read_text() == m.sha256:
             return dest
-        tmp = dest.parent / f".tmp-{m.id}-{uuid.uuid4().hex[:8]}"
+        tmp = dest.parent / f".tmp-{folder}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
-            for f in m.files:
+            for f in files:
                 target = tmp / validate_relpath(f.path)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self.objects.get_file(self._blob_key(f.sha256), target)
+                self.objects.get_file(self.blob_key(f.sha256), target)
                 got = sha256_file(target)
                 if got != f.sha256:
                     raise IntegrityError(f"{m.id}/{f.path}: sha256 {got} does not match the manifest's {f.sha256}")

@@ -1,10 +1,78 @@
-"""Datagen service logic and settings. No grpc."""
+"""Data service logic and settings: validate prepare requests and queue them; read reports. No grpc."""
 
-from pydantic import Field
+from __future__ import annotations
 
+import asyncio
+import json
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from services.core.artifacts import ArtifactRef, ArtifactStore, Manifest
+from services.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, check
+from services.core.job_api import JobService
+from services.core.jobs import JobRecord, JobRequest, JobRunner, Resources, check_resources
+from services.core.keys import validate_id, validate_name
 from services.core.settings import ServiceSettings
+from services.datagen.spec import PrepareDatasetSpec, PrepareOptions
 
 
 class DatagenSettings(ServiceSettings):
     service: str = "datagen"
     port: int = Field(50052, validation_alias="TUNERY_DATAGEN_PORT")
+    prepare_cpus: float = Field(1.0, description="CPUs a prepare job asks Ray for")
+
+
+class DatagenService:
+    SERVICE = "datagen"
+
+    def __init__(self, artifacts: ArtifactStore, runner: JobRunner, settings: DatagenSettings):
+        self.artifacts, self.runner, self.settings = artifacts, runner, settings
+        self.jobs = JobService(runner, self.SERVICE)
+
+    def _artifact(self, ref: ArtifactRef, field: str, kind: str) -> Manifest:
+        if not ref.uri:
+            raise InvalidArgument.field(field, f"is required (a {kind} artifact id or tunery:// uri)")
+        m = self.artifacts.resolve(ref)
+        if m.kind != kind:
+            raise FailedPrecondition(f"{field}: {m.id} is a {m.kind} artifact, not a {kind}")
+        return m
+
+    def _validate_prepare(self, dataset: ArtifactRef, base_model: ArtifactRef, name: str,
+                          options: dict[str, Any]) -> PrepareDatasetSpec:
+        try:
+            opts = PrepareOptions.model_validate(options)
+        except ValidationError as e:
+            check([FieldViolation("spec." + ".".join(str(p) for p in err["loc"]), err["msg"]) for err in e.errors()])
+        data = self._artifact(dataset, "spec.dataset", "dataset")
+        if data.metadata.get("stage") != "raw":
+            raise FailedPrecondition(f"spec.dataset: {data.id} is already prepared; prepare the raw import it came from")
+        model = self._artifact(base_model, "spec.base_model", "model")
+        if not model.metadata.get("is_causal_lm", False):
+            raise FailedPrecondition(f"spec.base_model: {model.id} is a {model.metadata.get('architecture')}, not a causal LM")
+        if not model.metadata.get("has_chat_template"):
+            raise FailedPrecondition(f"spec.base_model: {model.id} has no chat template, so chat data cannot be "
+                                     "rendered as the model will see it; import a model with one")
+        name = validate_name(name or f"{data.name}-prepared", "spec.name")
+        return PrepareDatasetSpec(dataset=data.ref(), base_model=model.ref(), name=name, options=opts)
+
+    async def prepare(self, dataset: ArtifactRef, base_model: ArtifactRef, name: str, options: dict[str, Any],
+                      key: str = "", resources: Resources | None = None,
+                      labels: dict[str, str] | None = None) -> JobRecord:
+        if key:
+            validate_id(key, "options.idempotency_key")
+        spec = await asyncio.to_thread(self._validate_prepare, dataset, base_model, name, options)
+        resources = resources or Resources(cpus=self.settings.prepare_cpus)
+        check_resources(resources)
+        return await asyncio.to_thread(self.runner.submit, JobRequest(
+            kind="datagen.prepare", service=self.SERVICE, role="train", spec=spec.model_dump(mode="json"),
+            idempotency_key=key, resources=resources, labels=labels or {}))
+
+    async def report(self, dataset: ArtifactRef) -> tuple[Manifest, dict[str, Any]]:
+        """A prepared dataset's (or a failed prepare's report artifact's) report.json."""
+        if not dataset.uri:
+            raise InvalidArgument.field("dataset", "is required")
+        m = await asyncio.to_thread(self.artifacts.resolve, dataset)
+        if "report.json" not in {f.path for f in m.files}:
+            raise FailedPrecondition(f"{m.id} has no data report (only prepared datasets and prepare reports do)")
+        return m, json.loads(await asyncio.to_thread(self.artifacts.read_file, m.id, "report.json"))

@@ -1,7 +1,80 @@
-"""DatagenService over gRPC. Its own RPCs arrive with the data service issue (#3); the job surface works now."""
+"""DatagenService over gRPC: proto <-> domain conversion only."""
 
-from services.core.runtime import planned_build
-from services.gen.tunery.v1 import datagen_pb2_grpc as grpc_api
+from __future__ import annotations
 
-build = planned_build(grpc_api.DatagenServiceServicer, grpc_api.add_DatagenServiceServicer_to_server,
-                      "tunery.v1.DatagenService", "datagen", "the data service issue (#3)")
+from typing import Any
+
+from services.core import convert
+from services.core.errors import Unimplemented
+from services.core.job_api import JobSurfaceServicer
+from services.core.runtime import Runtime
+from services.core.server import Registration
+from services.datagen.service import DatagenService, DatagenSettings
+from services.gen.tunery.v1 import common_pb2 as pb
+from services.gen.tunery.v1 import datagen_pb2, datagen_pb2_grpc
+
+FORMATS = {pb.DATASET_FORMAT_UNSPECIFIED: "auto", pb.DATASET_FORMAT_ALPACA: "alpaca", pb.DATASET_FORMAT_CHAT: "chat",
+           pb.DATASET_FORMAT_SHAREGPT: "sharegpt", pb.DATASET_FORMAT_COMPLETION: "completion",
+           pb.DATASET_FORMAT_PREFERENCE: "preference"}
+FORMATS_TO_PB = {v: k for k, v in FORMATS.items()}
+DEDUP = {datagen_pb2.DEDUP_MODE_NONE: "none", datagen_pb2.DEDUP_MODE_EXACT: "exact", datagen_pb2.DEDUP_MODE_NEAR: "near"}
+ACTION = {datagen_pb2.DEDUP_ACTION_DROP: "drop", datagen_pb2.DEDUP_ACTION_FLAG: "flag"}
+SEVERITY = {"error": datagen_pb2.ISSUE_SEVERITY_ERROR, "warning": datagen_pb2.ISSUE_SEVERITY_WARNING}
+
+
+def prepare_options(s: datagen_pb2.PrepareDatasetSpec) -> dict[str, Any]:
+    """Only the fields the caller set: the typed spec's defaults fill the rest."""
+    opts: dict[str, Any] = {"format": FORMATS.get(s.format, "auto")}
+    for proto_name, name in [("holdout_fraction", "holdout_fraction"), ("seed", "seed"),
+                             ("near_duplicate_threshold", "near_duplicate_threshold"), ("max_tokens", "max_tokens"),
+                             ("min_examples", "min_examples"), ("stratify_field", "stratify_field"),
+                             ("max_reported_problems", "max_reported_problems"), ("drop_too_long", "drop_too_long")]:
+        value = getattr(s, proto_name)
+        if value:
+            opts[name] = value
+    if s.dedup in DEDUP:
+        opts["dedup"] = DEDUP[s.dedup]
+    if s.dedup_action in ACTION:
+        opts["dedup_action"] = ACTION[s.dedup_action]
+    return opts
+
+
+def report_to_pb(ref: pb.ArtifactRef, r: dict[str, Any]) -> datagen_pb2.DatasetReport:
+    counts = r.get("counts", {})
+    return datagen_pb2.DatasetReport(
+        dataset=ref, detected_format=FORMATS_TO_PB.get(r.get("detected_format", ""), 0),
+        num_input=int(counts.get("input", 0)), num_train=int(counts.get("train", 0)),
+        num_holdout=int(counts.get("holdout", 0)),
+        num_duplicates=int(counts.get("exact_duplicates", 0)) + int(counts.get("near_duplicates", 0)),
+        num_errors=int(counts.get("errors", 0)), num_warnings=int(counts.get("warnings", 0)),
+        issues=[datagen_pb2.ValidationIssue(severity=SEVERITY.get(p.get("severity"), 0), file=p.get("file", ""),
+                                            line=int(p.get("line") or 0), field=p.get("field") or "",
+                                            message=p.get("message", "")) for p in r.get("problems", [])],
+        train_sha256=r.get("train_sha256", ""), holdout_sha256=r.get("holdout_sha256", ""),
+        html_path="report.html", stats=convert.struct({k: v for k, v in r.items() if k not in ("problems", "sample")}))
+
+
+class DatagenServicer(JobSurfaceServicer, datagen_pb2_grpc.DatagenServiceServicer):
+    def __init__(self, service: DatagenService):
+        self.svc = service
+        self.jobs = service.jobs
+
+    async def PrepareDataset(self, request: datagen_pb2.PrepareDatasetRequest, context) -> pb.Job:
+        s = request.spec
+        job = await self.svc.prepare(convert.ref_from_pb(s.dataset), convert.ref_from_pb(s.base_model), s.name,
+                                     prepare_options(s), **convert.options_from_pb(request.options))
+        return convert.job_to_pb(job)
+
+    async def GenerateDataset(self, request, context):
+        raise Unimplemented("DatagenService.GenerateDataset is not implemented yet: synthetic generation with a "
+                            "local teacher is the remaining part of the data service issue (#3).")
+
+    async def GetDatasetReport(self, request: datagen_pb2.GetDatasetReportRequest, context):
+        manifest, report = await self.svc.report(convert.ref_from_pb(request.dataset))
+        return report_to_pb(convert.ref_to_pb(manifest.ref()), report)
+
+
+def build(runtime: Runtime, settings: DatagenSettings) -> Registration:
+    service = DatagenService(runtime.artifacts, runtime.runner, settings)
+    return Registration(datagen_pb2_grpc.add_DatagenServiceServicer_to_server, DatagenServicer(service),
+                        "tunery.v1.DatagenService")

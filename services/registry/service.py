@@ -88,6 +88,28 @@ class RegistryService:
     async def delete(self, id_or_uri: str) -> Manifest:
         return await asyncio.to_thread(self.artifacts.delete, self._required(id_or_uri))
 
+    async def download(self, id_or_uri: str, path: str, chunk: int = 1 << 20):
+        """(entry, chunks) of one file, verified against its sha256 before anything is yielded."""
+        import tempfile
+
+        from services.core.artifacts import sha256_file
+        from services.core.errors import IntegrityError
+
+        if not path:
+            raise InvalidArgument.field("path", "is required (a file of the artifact)")
+        m = await self.get(id_or_uri)
+        entry = m.file(path)
+        with tempfile.TemporaryDirectory(prefix="tunery-dl-") as tmp:
+            local = Path(tmp) / "blob"
+            await asyncio.to_thread(self.artifacts.objects.get_file, self.artifacts.blob_key(entry.sha256), local)
+            if await asyncio.to_thread(sha256_file, local) != entry.sha256:
+                raise IntegrityError(f"{m.id}/{path}: the stored blob does not match its sha256")
+            with open(local, "rb") as f:
+                offset = 0
+                while data := f.read(chunk):
+                    yield entry, offset, data
+                    offset += len(data)
+
     @staticmethod
     def _required(id_or_uri: str) -> str:
         if not id_or_uri:

@@ -47,6 +47,10 @@ class RegistryServicer(JobSurfaceServicer, registry_pb2_grpc.RegistryServiceServ
         chain = await self.svc.lineage(request.id, request.max_depth)
         return registry_pb2.GetLineageResponse(artifacts=[convert.manifest_to_pb(m) for m in chain])
 
+    async def DownloadFile(self, request: registry_pb2.DownloadFileRequest, context):
+        async for entry, offset, data in self.svc.download(request.id, request.path):
+            yield registry_pb2.FileChunk(data=data, offset=offset, size=entry.size, sha256=entry.sha256)
+
     async def DeleteArtifact(self, request: registry_pb2.DeleteArtifactRequest, context):
         return registry_pb2.DeleteArtifactResponse(id=(await self.svc.delete(request.id)).id)
 

@@ -19,7 +19,10 @@ from pathlib import Path
 import grpc
 
 from services.gen.tunery.v1 import common_pb2 as pb
-from services.gen.tunery.v1 import registry_pb2, registry_pb2_grpc
+from services.gen.tunery.v1 import datagen_pb2, datagen_pb2_grpc, registry_pb2, registry_pb2_grpc
+
+SERVICE_PORTS = {"registry": 50051, "datagen": 50052, "training": 50053, "merging": 50054,
+                 "quantization": 50055, "evaluation": 50056, "serving": 50057, "pipeline": 50058}
 
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -32,13 +35,33 @@ def default_token() -> str:
     return path.read_text().strip() if path.exists() else ""
 
 
+def ref(artifact: str) -> pb.ArtifactRef:
+    """An artifact id or tunery:// uri as a reference."""
+    return pb.ArtifactRef(uri=artifact)
+
+
 class TuneryClient:
-    def __init__(self, target: str = "", token: str | None = None, *, timeout: float = 30.0):
-        self.target = target or os.environ.get("TUNERY_REGISTRY_ADDR", "127.0.0.1:50051")
+    """`target` is the registry's address; `endpoints` (or TUNERY_<SERVICE>_ADDR) name the other services'."""
+
+    def __init__(self, target: str = "", token: str | None = None, *, endpoints: dict[str, str] | None = None,
+                 timeout: float = 30.0):
+        self.endpoints = {name: os.environ.get(f"TUNERY_{name.upper()}_ADDR", f"127.0.0.1:{port}")
+                          for name, port in SERVICE_PORTS.items()}
+        self.endpoints.update(endpoints or {})
+        if target:
+            self.endpoints["registry"] = target
+        self.target = self.endpoints["registry"]
         self.token = default_token() if token is None else token
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(self.target)
+        self._channels: dict[str, grpc.Channel] = {}
+        self.channel = self._channel("registry")
         self.registry = registry_pb2_grpc.RegistryServiceStub(self.channel)
+        self.datagen = datagen_pb2_grpc.DatagenServiceStub(self._channel("datagen"))
+
+    def _channel(self, service: str) -> grpc.Channel:
+        if service not in self._channels:
+            self._channels[service] = grpc.insecure_channel(self.endpoints[service])
+        return self._channels[service]
 
     def __enter__(self) -> "TuneryClient":
         return self
@@ -47,7 +70,8 @@ class TuneryClient:
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        for ch in self._channels.values():
+            ch.close()
 
     @property
     def metadata(self) -> list[tuple[str, str]]:
@@ -96,8 +120,40 @@ class TuneryClient:
         return list(self._call(self.registry.GetLineage,
                                registry_pb2.GetLineageRequest(id=artifact_id, max_depth=max_depth)).artifacts)
 
+    def download(self, artifact_id: str, path: str, dest: Path) -> Path:
+        """Save one file of an artifact to `dest`, checking its sha256."""
+        import hashlib
+
+        h, want = hashlib.sha256(), ""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        with open(tmp, "wb") as f:
+            for chunk in self.registry.DownloadFile(registry_pb2.DownloadFileRequest(id=artifact_id, path=path),
+                                                    metadata=self.metadata, timeout=600):
+                f.write(chunk.data)
+                h.update(chunk.data)
+                want = chunk.sha256
+        if want and h.hexdigest() != want:
+            tmp.unlink()
+            raise IOError(f"{artifact_id}/{path}: received bytes do not match sha256 {want}")
+        tmp.replace(dest)
+        return dest
+
     def delete_artifact(self, artifact_id: str) -> str:
         return self._call(self.registry.DeleteArtifact, registry_pb2.DeleteArtifactRequest(id=artifact_id)).id
+
+    # ------------------------------------------------------------------ data
+    def prepare_dataset(self, dataset: str, base_model: str, *, name: str = "", holdout: float = 0.0,
+                        dedup: int = 0, max_tokens: int = 0, seed: int = 0, min_examples: int = 0,
+                        stratify_field: str = "", key: str = "", options: pb.SubmitOptions | None = None) -> pb.Job:
+        spec = datagen_pb2.PrepareDatasetSpec(dataset=ref(dataset), base_model=ref(base_model), name=name,
+                                              holdout_fraction=holdout, dedup=dedup, max_tokens=max_tokens, seed=seed,
+                                              min_examples=min_examples, stratify_field=stratify_field)
+        return self._call(self.datagen.PrepareDataset,
+                          datagen_pb2.PrepareDatasetRequest(spec=spec, options=self._options(key, options)))
+
+    def dataset_report(self, dataset: str) -> datagen_pb2.DatasetReport:
+        return self._call(self.datagen.GetDatasetReport, datagen_pb2.GetDatasetReportRequest(dataset=ref(dataset)))
 
     # ------------------------------------------------------------------ jobs (any service's; routed via the registry)
     def get_job(self, job_id: str) -> pb.Job:

@@ -85,7 +85,7 @@ def test_materialize_verifies_and_reuses(store, tmp_path):
     assert (d / "model.safetensors").read_bytes() == b"weights"
     assert store.materialize(m.ref(), tmp_path / "cache") == d
     # tamper with the stored blob: a fresh materialisation refuses it and leaves nothing behind
-    blob = store.objects.root / store._blob_key(m.file("model.safetensors").sha256)
+    blob = store.objects.root / store.blob_key(m.file("model.safetensors").sha256)
     blob.write_bytes(b"evil!!!")
     with pytest.raises(IntegrityError):
         store.materialize(m.id, tmp_path / "cache2")
@@ -102,3 +102,10 @@ def test_bad_kinds_paths_and_uris(store, tmp_path):
         w.add_bytes(b"x", "../escape.jsonl")
     with pytest.raises(NotFound, match="belongs to project"):
         store.get("tunery://other/model-x-000000000000")
+
+
+def test_materialize_a_subset(store, tmp_path):
+    m, _ = model(store, tmp_path).commit()
+    d = store.materialize(m.id, tmp_path / "cache", paths=["config.json", "absent.json"])
+    assert sorted(p.name for p in d.iterdir()) == [".tunery-complete", "config.json"]
+    assert store.materialize(m.id, tmp_path / "cache") != d  # the full copy lives elsewhere

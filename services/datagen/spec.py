@@ -1,0 +1,38 @@
+"""The data jobs' typed specs. No heavy imports: the control plane reads these too."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from services.core.artifacts import ArtifactRef
+
+FormatName = Literal["auto", "alpaca", "chat", "sharegpt", "completion", "preference"]
+# What a prepare job needs of the base model: its tokenizer and chat template, never the weights.
+TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "generation_config.json", "added_tokens.json")
+
+
+class PrepareOptions(BaseModel):
+    """Mirrors services.datagen.prepare.PrepareOptions (the library), field for field."""
+
+    format: FormatName = "auto"
+    holdout_fraction: float = Field(0.1, ge=0.0, le=0.5)
+    seed: int = 0
+    dedup: Literal["none", "exact", "near"] = "near"
+    dedup_action: Literal["drop", "flag"] = "drop"
+    near_duplicate_threshold: float = Field(0.8, gt=0.0, le=1.0)
+    max_tokens: int = Field(0, ge=0)
+    drop_too_long: bool = False
+    min_examples: int = Field(1, ge=1)
+    stratify_field: str = ""
+    max_reported_problems: int = Field(50, ge=1, le=10_000)
+
+
+class PrepareDatasetSpec(BaseModel):
+    dataset: ArtifactRef
+    base_model: ArtifactRef
+    name: str
+    options: PrepareOptions = Field(default_factory=PrepareOptions)
