@@ -59,11 +59,11 @@ demo: setup-control protos fixtures ## THE MAIN JOB: embedded stack, import the 
 	$(LOOPBACK) $(VENV)/bin/tunery demo --model $(FIXTURES)/tiny-llama
 
 test: setup-control protos fixtures ## Run every test (unit + integration) against real Ray, S3 and gRPC on 127.0.0.1
-	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests
+	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests --ignore=tests/unit/test_tiny_models.py
 	.venvs/train/bin/python -m pytest $(PYTEST) -p no:cacheprovider tests/unit/test_tiny_models.py
 
 test-unit: setup-control protos ## Unit tests only (fast, fakes allowed)
-	$(VPY) -m pytest $(PYTEST) tests/unit
+	$(VPY) -m pytest $(PYTEST) tests/unit --ignore=tests/unit/test_tiny_models.py
 
 test-integration: setup-control protos fixtures ## Integration tests only
 	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests/integration

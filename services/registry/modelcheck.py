@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 from collections import Counter
 from pathlib import Path
@@ -21,6 +22,7 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16
                "F6_E2M3": 0.75, "F6_E3M2": 0.75}
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 MAX_HEADER = 100 * 1024 * 1024
+GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
 SAMPLE_CHAT = [
     {"role": "system", "content": "You are helpful."},
     {"role": "user", "content": "Hi"},
@@ -136,9 +138,8 @@ def render_chat_template(template: str, tok_config: dict[str, Any]) -> str:
         return v.get("content", "") if isinstance(v, dict) else (v or "")
 
     try:
-        # transformers' {% generation %} block tag is not standard jinja: render it as plain text here.
-        source = template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-        source = source.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+        # transformers' {% generation %} block tag is not standard jinja: render its body as plain text here.
+        source = GENERATION_TAG.sub("", template)
         return env.from_string(source).render(messages=SAMPLE_CHAT, add_generation_prompt=True, tools=None,
                                               bos_token=token("bos_token"), eos_token=token("eos_token"))
     except TemplateError as e:

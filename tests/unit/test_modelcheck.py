@@ -75,3 +75,14 @@ def test_tokenizer_and_template_problems(tmp_path):
     expect(InvalidArgument, "does not render", lambda: inspect_model(m2, False))
     m3 = make_model(tmp_path / "m3", template="{{ raise_exception('no system role') }}")
     expect(InvalidArgument, "no system role", lambda: inspect_model(m3, False))
+
+
+@pytest.mark.parametrize("open_tag,close_tag", [("{% generation %}", "{% endgeneration %}"),
+                                               ("{%- generation -%}", "{%- endgeneration -%}"),
+                                               ("{%generation%}", "{%endgeneration%}")])
+def test_generation_markers_render(tmp_path, open_tag, close_tag):
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                "{% if m['role'] == 'assistant' %}" + open_tag + "{{ m['content'] }}" + close_tag +
+                "{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}")
+    info = inspect_model(make_model(tmp_path / "m", template=template), False)
+    assert "<|im_start|>assistant\nHello.<|im_end|>" in info["chat_template_sample"]
