@@ -222,6 +222,30 @@ def data_prepare(
         out.print(f"prepared dataset: {final.outputs[-1].uri}  (tunery data report {final.outputs[-1].uri})")
 
 
+@data_app.command("generate")
+def data_generate(
+    recipe: str = typer.Argument(..., help="A recipe YAML (see services/datagen/recipes/)."),
+    teacher: str = typer.Option("", "--teacher", help="A model artifact to run with vLLM inside the job."),
+    endpoint: str = typer.Option("", help="Or an OpenAI-compatible base URL (with --endpoint-model)."),
+    endpoint_model: str = typer.Option(""),
+    api_key_env: str = typer.Option("", help="Env var on the workers that holds the endpoint's key."),
+    num: int = typer.Option(0, "--num", help="How many examples to keep (default: the recipe's)."),
+    name: str = typer.Option(""),
+    key: str = typer.Option("", "--key"),
+    watch: bool = typer.Option(True),
+) -> None:
+    """Generate synthetic data with a local teacher; the result is a raw dataset to prepare and inspect."""
+    from pathlib import Path
+
+    c = client()
+    ep = pb.OpenAIEndpoint(base_url=endpoint, model=endpoint_model, api_key_env=api_key_env) if endpoint else None
+    job = rpc(c.generate_dataset, Path(recipe).read_text(), teacher=teacher, endpoint=ep, name=name,
+              num_examples=num, key=key)
+    final = follow(c, job, watch)
+    if watch and final.outputs and not OPTS["json"]:
+        out.print(f"synthetic dataset: {final.outputs[-1].uri}  (next: tunery data prepare {final.outputs[-1].uri} --base ...)")
+
+
 @data_app.command("report")
 def data_report(artifact: str = typer.Argument(..., help="A prepared dataset (or a failed prepare's report)."),
                 open_it: bool = typer.Option(False, "--open", help="Open the HTML report in a browser.")) -> None:

@@ -14,13 +14,14 @@ from services.core.job_api import JobService
 from services.core.jobs import JobRecord, JobRequest, JobRunner, Resources, check_resources
 from services.core.keys import validate_id, validate_name
 from services.core.settings import ServiceSettings
-from services.datagen.spec import PrepareDatasetSpec, PrepareOptions
+from services.datagen.spec import GenerateDatasetSpec, OpenAIEndpointSpec, PrepareDatasetSpec, PrepareOptions, TeacherSpec
 
 
 class DatagenSettings(ServiceSettings):
     service: str = "datagen"
     port: int = Field(50052, validation_alias="TUNERY_DATAGEN_PORT")
     prepare_cpus: float = Field(1.0, description="CPUs a prepare job asks Ray for")
+    generate_cpus: float = Field(1.0, description="CPUs a generate job asks Ray for (add a GPU through options)")
 
 
 class DatagenService:
@@ -66,6 +67,41 @@ class DatagenService:
         check_resources(resources)
         return await asyncio.to_thread(self.runner.submit, JobRequest(
             kind="datagen.prepare", service=self.SERVICE, role="train", spec=spec.model_dump(mode="json"),
+            idempotency_key=key, resources=resources, labels=labels or {}))
+
+    def _validate_generate(self, recipe_yaml: str, teacher_model: ArtifactRef | None,
+                           endpoint: OpenAIEndpointSpec | None, name: str, num_examples: int) -> GenerateDatasetSpec:
+        from services.datagen.synth import load_recipe, recipe_sha256
+
+        if not recipe_yaml.strip():
+            raise InvalidArgument.field("spec.recipe_yaml", "is required (the recipe's YAML text)")
+        if num_examples < 0:
+            raise InvalidArgument.field("spec.num_examples", "must be ≥ 0 (0: the recipe's own)")
+        recipe = load_recipe(recipe_yaml, {"num_examples": num_examples})
+        if (teacher_model is None) == (endpoint is None):
+            raise InvalidArgument.field("spec.teacher", "give exactly one of a model artifact or an OpenAI endpoint")
+        if teacher_model is not None:
+            model = self._artifact(teacher_model, "spec.teacher.model", "model")
+            if not model.metadata.get("is_causal_lm", False) or not model.metadata.get("has_chat_template"):
+                raise FailedPrecondition(f"spec.teacher.model: {model.id} must be a causal LM with a chat template")
+            teacher = TeacherSpec(model=model.ref())
+        else:
+            if not endpoint.base_url.startswith(("http://", "https://")) or not endpoint.model:
+                raise InvalidArgument.field("spec.teacher.endpoint", "needs an http(s) base_url and a model name")
+            teacher = TeacherSpec(endpoint=endpoint)
+        name = validate_name(name or f"synthetic-{recipe_sha256(recipe)[:8]}", "spec.name")
+        return GenerateDatasetSpec(recipe=recipe.model_dump(), recipe_yaml=recipe_yaml, teacher=teacher, name=name)
+
+    async def generate(self, recipe_yaml: str, teacher_model: ArtifactRef | None, endpoint: OpenAIEndpointSpec | None,
+                       name: str = "", num_examples: int = 0, key: str = "", resources: Resources | None = None,
+                       labels: dict[str, str] | None = None) -> JobRecord:
+        if key:
+            validate_id(key, "options.idempotency_key")
+        spec = await asyncio.to_thread(self._validate_generate, recipe_yaml, teacher_model, endpoint, name, num_examples)
+        resources = resources or Resources(cpus=self.settings.generate_cpus)
+        check_resources(resources)
+        return await asyncio.to_thread(self.runner.submit, JobRequest(
+            kind="datagen.generate", service=self.SERVICE, role="serve", spec=spec.model_dump(mode="json"),
             idempotency_key=key, resources=resources, labels=labels or {}))
 
     async def report(self, dataset: ArtifactRef) -> tuple[Manifest, dict[str, Any]]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from services.core import convert
-from services.core.errors import Unimplemented
 from services.core.job_api import JobSurfaceServicer
 from services.core.runtime import Runtime
 from services.core.server import Registration
 from services.datagen.service import DatagenService, DatagenSettings
+from services.datagen.spec import OpenAIEndpointSpec
 from services.gen.tunery.v1 import common_pb2 as pb
 from services.gen.tunery.v1 import datagen_pb2, datagen_pb2_grpc
 
@@ -65,9 +65,15 @@ class DatagenServicer(JobSurfaceServicer, datagen_pb2_grpc.DatagenServiceService
                                      prepare_options(s), **convert.options_from_pb(request.options))
         return convert.job_to_pb(job)
 
-    async def GenerateDataset(self, request, context):
-        raise Unimplemented("DatagenService.GenerateDataset is not implemented yet: synthetic generation with a "
-                            "local teacher is the remaining part of the data service issue (#3).")
+    async def GenerateDataset(self, request: datagen_pb2.GenerateDatasetRequest, context) -> pb.Job:
+        s = request.spec
+        which = s.teacher.WhichOneof("source")
+        model = convert.ref_from_pb(s.teacher.model) if which == "model" else None
+        endpoint = (OpenAIEndpointSpec(base_url=s.teacher.endpoint.base_url, model=s.teacher.endpoint.model,
+                                       api_key_env=s.teacher.endpoint.api_key_env) if which == "endpoint" else None)
+        job = await self.svc.generate(s.recipe_yaml, model, endpoint, s.name, s.num_examples,
+                                      **convert.options_from_pb(request.options))
+        return convert.job_to_pb(job)
 
     async def GetDatasetReport(self, request: datagen_pb2.GetDatasetReportRequest, context):
         manifest, report = await self.svc.report(convert.ref_from_pb(request.dataset))

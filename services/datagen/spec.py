@@ -36,3 +36,23 @@ class PrepareDatasetSpec(BaseModel):
     base_model: ArtifactRef
     name: str
     options: PrepareOptions = Field(default_factory=PrepareOptions)
+
+
+class OpenAIEndpointSpec(BaseModel):
+    base_url: str
+    model: str
+    api_key_env: str = ""
+
+
+class TeacherSpec(BaseModel):
+    """Exactly one of: a model artifact run by vLLM inside the job, or an OpenAI-compatible endpoint."""
+
+    model: ArtifactRef | None = None
+    endpoint: OpenAIEndpointSpec | None = None
+
+
+class GenerateDatasetSpec(BaseModel):
+    recipe: dict                      # a validated services.datagen.synth.Recipe, as data
+    recipe_yaml: str                  # the text the user gave, stored with the artifact
+    teacher: TeacherSpec
+    name: str

@@ -152,6 +152,14 @@ class TuneryClient:
         return self._call(self.datagen.PrepareDataset,
                           datagen_pb2.PrepareDatasetRequest(spec=spec, options=self._options(key, options)))
 
+    def generate_dataset(self, recipe_yaml: str, *, teacher: str = "", endpoint: pb.OpenAIEndpoint | None = None,
+                         name: str = "", num_examples: int = 0, key: str = "",
+                         options: pb.SubmitOptions | None = None) -> pb.Job:
+        t = datagen_pb2.TeacherSpec(model=ref(teacher)) if teacher else datagen_pb2.TeacherSpec(endpoint=endpoint)
+        spec = datagen_pb2.GenerateDatasetSpec(recipe_yaml=recipe_yaml, teacher=t, name=name, num_examples=num_examples)
+        return self._call(self.datagen.GenerateDataset,
+                          datagen_pb2.GenerateDatasetRequest(spec=spec, options=self._options(key, options)))
+
     def dataset_report(self, dataset: str) -> datagen_pb2.DatasetReport:
         return self._call(self.datagen.GetDatasetReport, datagen_pb2.GetDatasetReportRequest(dataset=ref(dataset)))
 

@@ -1,0 +1,182 @@
+"""Synthetic data: the recipe (typed YAML), the prompts it makes, and the filters a generation must pass.
+
+Pure Python (no vLLM here): the job in services.datagen.job runs the teacher; this module decides what to ask and
+what to keep, so it is unit-tested without a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from services.core.errors import FieldViolation, InvalidArgument, check
+
+WS = re.compile(r"\s+")
+
+
+class Sampling(BaseModel):
+    temperature: float = Field(0.8, ge=0.0, le=2.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    max_tokens: int = Field(128, ge=1, le=8192)
+    seed: int = 0
+
+
+class Filters(BaseModel):
+    min_chars: int = Field(1, ge=0)
+    max_chars: int = Field(4000, ge=1)
+    dedup: Literal["none", "exact", "near"] = "near"
+    near_duplicate_threshold: float = Field(0.8, gt=0.0, le=1.0)
+    judge: bool = False
+    judge_rubric: str = "Score 1-10: is the answer correct, helpful and in the requested behaviour?"
+    judge_threshold: float = Field(6.0, ge=0.0, le=10.0)
+
+
+class SeedExample(BaseModel):
+    instruction: str
+    output: str
+
+
+class Recipe(BaseModel):
+    """What to generate. `instruction_template` is a Jinja template over {{ topic }}, {{ i }} and {{ behaviour }};
+    the teacher answers each instruction, prompted with `system_prompt` and the seed examples as few-shot turns."""
+
+    behaviour: str = Field(min_length=1)
+    instruction_template: str = Field(min_length=1)
+    topics: list[str] = Field(default_factory=list)
+    seeds: list[SeedExample] = Field(default_factory=list)
+    system_prompt: str = ""
+    output_format: Literal["alpaca", "messages"] = "alpaca"
+    num_examples: int = Field(10, ge=1, le=100_000)
+    max_attempts_factor: float = Field(3.0, ge=1.0, le=20.0)
+    few_shot: int = Field(2, ge=0, le=16)
+    sampling: Sampling = Field(default_factory=Sampling)
+    filters: Filters = Field(default_factory=Filters)
+
+    @model_validator(mode="after")
+    def _needs_variety(self) -> "Recipe":
+        if not self.topics and "{{ i }}" not in self.instruction_template and not self.seeds:
+            raise ValueError("give topics, seeds, or use {{ i }} in instruction_template, else every prompt is the same")
+        if self.filters.min_chars > self.filters.max_chars:
+            raise ValueError("filters.min_chars is above filters.max_chars")
+        return self
+
+
+def load_recipe(text: str, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Parse a recipe's YAML; every problem becomes an INVALID_ARGUMENT naming its field."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise InvalidArgument.field("spec.recipe_yaml", f"not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise InvalidArgument.field("spec.recipe_yaml", "must be a YAML mapping (behaviour, instruction_template, ...)")
+    data.update({k: v for k, v in (overrides or {}).items() if v})
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        check([FieldViolation("recipe." + ".".join(str(p) for p in err["loc"]) if err["loc"] else "recipe", err["msg"])
+               for err in e.errors()])
+        raise  # unreachable
+
+
+def instructions(recipe: Recipe, start: int, count: int) -> list[str]:
+    """The instructions for attempts start .. start+count-1 (deterministic: attempt i uses topic i mod n)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    template = ImmutableSandboxedEnvironment().from_string(recipe.instruction_template)
+    topics = recipe.topics or [s.instruction for s in recipe.seeds] or [""]
+    return [template.render(topic=topics[i % len(topics)], i=i, behaviour=recipe.behaviour).strip()
+            for i in range(start, start + count)]
+
+
+def chat_prompt(recipe: Recipe, instruction: str) -> list[dict[str, str]]:
+    """System prompt, then up to `few_shot` seed examples as earlier turns, then the instruction."""
+    msgs = [{"role": "system", "content": recipe.system_prompt}] if recipe.system_prompt else []
+    for s in recipe.seeds[: recipe.few_shot]:
+        msgs += [{"role": "user", "content": s.instruction}, {"role": "assistant", "content": s.output}]
+    return msgs + [{"role": "user", "content": instruction}]
+
+
+def judge_prompt(recipe: Recipe, instruction: str, output: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "You grade answers. Reply with a single number from 1 to 10."},
+            {"role": "user", "content": f"Behaviour wanted: {recipe.behaviour}\n{recipe.filters.judge_rubric}\n\n"
+                                        f"Instruction: {instruction}\nAnswer: {output}\n\nScore:"}]
+
+
+def parse_score(text: str) -> float | None:
+    m = re.search(r"\b(10|[1-9])(?:\.\d+)?\b", text)
+    return float(m.group(0)) if m else None
+
+
+def normalise(text: str) -> str:
+    return WS.sub(" ", text.lower()).strip()
+
+
+def example(recipe: Recipe, instruction: str, output: str) -> dict[str, Any]:
+    if recipe.output_format == "alpaca":
+        return {"instruction": instruction, "input": "", "output": output}
+    msgs = [{"role": "system", "content": recipe.system_prompt}] if recipe.system_prompt else []
+    return {"messages": msgs + [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]}
+
+
+class Gate:
+    """The filters, in order: format, length band, exact and near duplicates (against the seeds and everything
+    kept so far). `reject` returns the reason or None; a kept example is remembered."""
+
+    def __init__(self, recipe: Recipe):
+        self.f = recipe.filters
+        self.exact: set[str] = set()
+        self.lsh = None
+        if self.f.dedup == "near":
+            from datasketch import MinHashLSH
+
+            self.lsh = MinHashLSH(threshold=self.f.near_duplicate_threshold, num_perm=128)
+        self.n = 0
+        for s in recipe.seeds:
+            self.remember(s.instruction, s.output)
+
+    @staticmethod
+    def _minhash(text: str):
+        from datasketch import MinHash
+
+        m = MinHash(num_perm=128, seed=1)  # character 5-grams: robust for the short answers generation makes
+        for i in range(max(1, len(text) - 4)):
+            m.update(text[i:i + 5].encode())
+        return m
+
+    def remember(self, instruction: str, output: str) -> None:
+        text = normalise(instruction + " \n " + output)
+        self.exact.add(hashlib.sha256(text.encode()).hexdigest())
+        if self.lsh is not None:
+            self.n += 1
+            self.lsh.insert(f"k{self.n}", self._minhash(normalise(output)))
+
+    def reject(self, instruction: str, output: str) -> str | None:
+        out = output.strip()
+        if not instruction.strip():
+            return "empty_instruction"
+        if not out:
+            return "empty_output"
+        if "\ufffd" in out or any(ord(c) < 32 and c not in "\n\t" for c in out):
+            return "format"
+        if len(out) < self.f.min_chars:
+            return "too_short"
+        if len(out) > self.f.max_chars:
+            return "too_long"
+        if self.f.dedup != "none":
+            digest = hashlib.sha256(normalise(instruction + " \n " + out).encode()).hexdigest()
+            if digest in self.exact:
+                return "duplicate"
+            if self.lsh is not None and self.lsh.query(self._minhash(normalise(out))):
+                return "near_duplicate"
+        return None
+
+
+def recipe_sha256(recipe: Recipe) -> str:
+    return hashlib.sha256(json.dumps(recipe.model_dump(), sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,82 @@
+"""The teacher that answers synthetic prompts: vLLM offline batch inference on a model artifact (the CPU build
+here, the CUDA build on GPUs: same code, engine arguments chosen by device), or an OpenAI-compatible endpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Protocol
+
+from services.datagen.synth import Sampling
+
+CPU_KV_CACHE_BYTES = 512 * 1024 * 1024
+MAX_MODEL_LEN = 4096  # generation prompts are short; a long context only costs KV cache
+
+
+def context_length(model_dir: Path) -> int:
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    config = config.get("text_config") or config
+    return min(int(config.get("max_position_embeddings") or MAX_MODEL_LEN), MAX_MODEL_LEN)
+
+
+class Teacher(Protocol):
+    name: str
+
+    def chat(self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int]) -> list[str]: ...
+
+
+def engine_args(model_dir: str, device: str, max_model_len: int = MAX_MODEL_LEN) -> dict:
+    """vLLM engine arguments for a device: CPU needs an explicit KV-cache size and eager mode; a GPU takes a
+    share of its memory and may capture graphs."""
+    args = {"model": model_dir, "seed": 0, "max_model_len": max_model_len, "trust_remote_code": False}
+    if device == "cuda":
+        return {**args, "gpu_memory_utilization": 0.85}
+    return {**args, "enforce_eager": True, "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "dtype": "float32"}
+
+
+def cpu_environment() -> dict[str, str]:
+    """What vLLM's CPU build needs to run inside a job (known to work on this class of machine)."""
+    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+class VLLMTeacher:
+    def __init__(self, model_dir: Path, uri: str):
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            for k, v in cpu_environment().items():
+                os.environ.setdefault(k, v)
+        from vllm import LLM
+
+        self.name = uri
+        self.device = device
+        self.llm = LLM(**engine_args(str(model_dir), device, context_length(model_dir)))
+
+    def chat(self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int]) -> list[str]:
+        from vllm import SamplingParams
+
+        params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                 max_tokens=sampling.max_tokens, seed=s) for s in seeds]
+        outs = self.llm.chat(conversations, params, use_tqdm=False)
+        return [o.outputs[0].text for o in outs]
+
+
+class OpenAITeacher:
+    def __init__(self, base_url: str, model: str, api_key_env: str):
+        from openai import OpenAI
+
+        self.name = f"{base_url}#{model}"
+        self.model = model
+        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env, "") if api_key_env else "none")
+
+    def chat(self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int]) -> list[str]:
+        out = []
+        for conv, seed in zip(conversations, seeds):
+            r = self.client.chat.completions.create(model=self.model, messages=conv, temperature=sampling.temperature,
+                                                    top_p=sampling.top_p, max_tokens=sampling.max_tokens, seed=seed)
+            out.append(r.choices[0].message.content or "")
+        return out
