@@ -12,6 +12,7 @@ FIXTURES  := build/fixtures
 LOOPBACK  := infra/scripts/loopback.sh
 PYTEST    ?= -q
 
+PHONY_EXTRA := bench-generate
 .PHONY: help setup setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration bench up down status clean
 
 help: ## List the targets
@@ -70,6 +71,9 @@ test-integration: setup-control protos fixtures ## Integration tests only
 
 bench: setup-control protos fixtures ## Benchmarks (ratios against the bare libraries)
 	$(LOOPBACK) $(VPY) -m bench.run
+
+bench-generate: setup-control protos fixtures setup-serve ## Synthetic generation: the job against bare vLLM
+	$(LOOPBACK) $(VPY) -m bench.generate
 
 up: setup-control protos ## Start the embedded stack in the background (Ray head + all services on 127.0.0.1)
 	$(VENV)/bin/tunery up
