@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 from services.core import logs
 from services.core.artifacts import ArtifactRef, ArtifactStore, ArtifactWriter, Manifest
 from services.core.errors import TuneryError
-from services.core.jobs import JobEnvelope, JobEvent, JobFiles, JobProgress, JobState
+from services.core.jobs import JobEnvelope, JobEvent, JobFiles, JobState
 from services.core.settings import StoreSettings
 from services.core.store import ObjectStore, key_of, open_store
 

@@ -68,6 +68,23 @@ def registry(servers, settings):
     client.close()
 
 
+@pytest.fixture
+def data_client(servers, settings):
+    """A client of real registry and datagen servers bound to this test's project."""
+    from services.cli.stack import health
+    from services.datagen.service import DatagenSettings
+    from services.datagen.servicer import build as build_datagen
+    from tests.servers import wait_for
+
+    reg = servers.start(settings, build_registry)
+    dg = servers.start(DatagenSettings(**{**settings.model_dump(), "service": "datagen", "port": 0}), build_datagen)
+    for port in (reg, dg):
+        wait_for(lambda: health(port) == "SERVING", 30, what="SERVING")
+    c = TuneryClient(f"127.0.0.1:{reg}", TOKEN, endpoints={"datagen": f"127.0.0.1:{dg}"})
+    yield c
+    c.close()
+
+
 def fixture_model(name: str) -> Path:
     path = Path(os.environ.get("TUNERY_FIXTURES", REPO / "build" / "fixtures")) / name
     if not (path / "config.json").exists():

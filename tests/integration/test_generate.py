@@ -8,29 +8,16 @@ import json
 import grpc
 import pytest
 
-from services.datagen.service import DatagenSettings
-from services.datagen.servicer import build as build_datagen
 from services.gen.tunery.v1 import common_pb2 as pb
-from services.registry.servicer import build as build_registry
-from services.sdk.client import TuneryClient
-from tests.integration.conftest import TOKEN
-from tests.servers import REPO, wait_for
+from tests.servers import REPO
 
 pytestmark = pytest.mark.integration
 SMOKE = (REPO / "services" / "datagen" / "recipes" / "smoke.yaml").read_text()
 
 
 @pytest.fixture
-def client(servers, settings):
-    from services.cli.stack import health
-
-    reg = servers.start(settings, build_registry)
-    dg = servers.start(DatagenSettings(**{**settings.model_dump(), "service": "datagen", "port": 0}), build_datagen)
-    for port in (reg, dg):
-        wait_for(lambda: health(port) == "SERVING", 30, what="SERVING")
-    c = TuneryClient(f"127.0.0.1:{reg}", TOKEN, endpoints={"datagen": f"127.0.0.1:{dg}"})
-    yield c
-    c.close()
+def client(data_client):
+    return data_client
 
 
 def test_generate_with_the_tiny_teacher(client, tiny_model, tmp_path):

@@ -21,7 +21,6 @@ from services.cli.stack import health
 from services.core.artifacts import ArtifactStore
 from services.core.store import open_store
 from services.gen.tunery.v1 import common_pb2 as pb
-from services.gen.tunery.v1 import registry_pb2, registry_pb2_grpc
 from services.sdk.client import TuneryClient
 from tests.modeldirs import make_model, make_sharded_model
 from tests.servers import REPO, wait_for
