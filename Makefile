@@ -12,8 +12,7 @@ FIXTURES  := build/fixtures
 LOOPBACK  := infra/scripts/loopback.sh
 PYTEST    ?= -q
 
-PHONY_EXTRA := bench-generate
-.PHONY: help setup setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration bench up down status clean
+.PHONY: help setup setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration bench bench-generate up down status clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -59,14 +58,14 @@ fixtures: $(FIXTURES)/.stamp ## Build the tiny test models and tokenizer offline
 demo: setup-control protos fixtures ## THE MAIN JOB: embedded stack, import the tiny model, print its manifest
 	$(LOOPBACK) $(VENV)/bin/tunery demo --model $(FIXTURES)/tiny-llama
 
-test: setup-control protos fixtures ## Run every test (unit + integration) against real Ray, S3 and gRPC on 127.0.0.1
+test: setup fixtures ## Run every test (unit + integration) against real Ray, S3 and gRPC on 127.0.0.1
 	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests --ignore=tests/unit/test_tiny_models.py
 	.venvs/train/bin/python -m pytest $(PYTEST) -p no:cacheprovider tests/unit/test_tiny_models.py
 
 test-unit: setup-control protos ## Unit tests only (fast, fakes allowed)
 	$(VPY) -m pytest $(PYTEST) tests/unit --ignore=tests/unit/test_tiny_models.py
 
-test-integration: setup-control protos fixtures ## Integration tests only
+test-integration: setup fixtures ## Integration tests only
 	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests/integration
 
 bench: setup-control protos fixtures ## Benchmarks (ratios against the bare libraries)
