@@ -96,3 +96,26 @@ def test_up_against_an_s3_server(cli_env):
         tunery(env, "down")
     finally:
         s3.stop()
+
+
+def test_data_arc_generate_prepare_report(cli_env):
+    """Synthetic data with the tiny teacher, prepared with the base model's template, then inspected."""
+    tunery(cli_env, "up", "--num-cpus", "2")
+    tunery(cli_env, "models", "import", str(fixture("tiny-llama")), "--name", "base")
+    [model] = json.loads(tunery(cli_env, "--json", "artifacts", "list", "--kind", "model").stdout)
+    recipe = REPO / "services" / "datagen" / "recipes" / "smoke.yaml"
+    gen = json.loads(tunery(cli_env, "--json", "data", "generate", str(recipe), "--teacher", model["id"],
+                            "--name", "synth").stdout)
+    assert gen["state"] == "JOB_STATE_SUCCEEDED"
+    synthetic = gen["outputs"][-1]["uri"]
+    prep = json.loads(tunery(cli_env, "--json", "data", "prepare", synthetic, "--base", model["id"],
+                             "--holdout", "0.25").stdout)
+    assert prep["state"] == "JOB_STATE_SUCCEEDED"
+    prepared = prep["outputs"][-1]["uri"]
+    report = json.loads(tunery(cli_env, "--json", "data", "report", prepared).stdout)
+    assert int(report["num_train"]) + int(report["num_holdout"]) == 12 and int(report["num_holdout"]) == 3
+    html = Path(report["html"])
+    assert html.exists() and "data:image/png;base64," in html.read_text()
+    lineage = json.loads(tunery(cli_env, "--json", "artifacts", "lineage", prepared).stdout)
+    assert [a["name"] for a in lineage] == ["synth-prepared", "synth", "base"]
+    tunery(cli_env, "down")
