@@ -93,7 +93,7 @@ def generate_dataset(ctx: JobContext, spec: GenerateDatasetSpec) -> None:
         n = min(BATCH, limit - attempt)
         instrs = instructions(recipe, attempt, n)
         seeds = [recipe.sampling.seed * 1_000_003 + attempt + j for j in range(n)]
-        outputs = teacher.chat([chat_prompt(recipe, x) for x in instrs], recipe.sampling, seeds)
+        outputs = teacher.chat([chat_prompt(recipe, x) for x in instrs], recipe.sampling, seeds, recipe.tools)
         scores: list[float | None] = [None] * n
         if recipe.filters.judge:
             judge_sampling = recipe.sampling.model_copy(update={"temperature": 0.0, "max_tokens": 4})

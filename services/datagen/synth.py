@@ -51,6 +51,9 @@ class Recipe(BaseModel):
     seeds: list[SeedExample] = Field(default_factory=list)
     system_prompt: str = ""
     output_format: Literal["alpaca", "messages"] = "alpaca"
+    # OpenAI tool schemas offered to the teacher (messages format only): its <tool_call>{...}</tool_call> replies
+    # become assistant tool_calls, checked against these names
+    tools: list[dict[str, Any]] = Field(default_factory=list)
     num_examples: int = Field(10, ge=1, le=100_000)
     max_attempts_factor: float = Field(3.0, ge=1.0, le=20.0)
     few_shot: int = Field(2, ge=0, le=16)
@@ -63,7 +66,16 @@ class Recipe(BaseModel):
             raise ValueError("give topics, seeds, or use {{ i }} in instruction_template, else every prompt is the same")
         if self.filters.min_chars > self.filters.max_chars:
             raise ValueError("filters.min_chars is above filters.max_chars")
+        if self.tools and self.output_format != "messages":
+            raise ValueError("tools need output_format: messages (alpaca has no tool calls)")
+        for i, t in enumerate(self.tools):
+            if not (t.get("type") == "function" and isinstance(t.get("function"), dict) and t["function"].get("name")):
+                raise ValueError(f"tools[{i}] must be {{type: function, function: {{name, description, parameters}}}}")
         return self
+
+    @property
+    def tool_names(self) -> set[str]:
+        return {t["function"]["name"] for t in self.tools}
 
 
 def load_recipe(text: str, overrides: dict[str, Any] | None = None) -> Recipe:
@@ -118,11 +130,40 @@ def normalise(text: str) -> str:
     return WS.sub(" ", text.lower()).strip()
 
 
+TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
+
+
+def parse_tool_calls(output: str) -> tuple[str, list[dict[str, Any]] | None, str | None]:
+    """Hermes-style <tool_call>{"name": ..., "arguments": {...}}</tool_call> blocks -> (text, OpenAI tool_calls,
+    problem). tool_calls is None when there are none; problem names what is malformed."""
+    blocks = TOOL_CALL.findall(output)
+    if not blocks:
+        return output, None, ("unclosed <tool_call>" if "<tool_call>" in output else None)
+    calls = []
+    for i, raw in enumerate(blocks):
+        try:
+            call = json.loads(raw)
+        except json.JSONDecodeError as e:
+            return output, None, f"tool call {i} is not valid JSON: {e.msg}"
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not isinstance(call.get("arguments"), dict):
+            return output, None, f"tool call {i} needs a string name and an object of arguments"
+        calls.append({"id": f"call_{i}", "type": "function",
+                      "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}})
+    return TOOL_CALL.sub("", output).strip(), calls, None
+
+
 def example(recipe: Recipe, instruction: str, output: str) -> dict[str, Any]:
     if recipe.output_format == "alpaca":
         return {"instruction": instruction, "input": "", "output": output}
     msgs = [{"role": "system", "content": recipe.system_prompt}] if recipe.system_prompt else []
-    return {"messages": msgs + [{"role": "user", "content": instruction}, {"role": "assistant", "content": output}]}
+    text, calls, _ = parse_tool_calls(output) if recipe.tools else (output, None, None)
+    reply: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        reply["tool_calls"] = calls
+    row: dict[str, Any] = {"messages": msgs + [{"role": "user", "content": instruction}, reply]}
+    if recipe.tools:
+        row["tools"] = recipe.tools
+    return row
 
 
 class Gate:
@@ -131,6 +172,7 @@ class Gate:
 
     def __init__(self, recipe: Recipe):
         self.f = recipe.filters
+        self.tools = recipe.tool_names
         self.exact: set[str] = set()
         self.lsh = None
         if self.f.dedup == "near":
@@ -165,6 +207,12 @@ class Gate:
             return "empty_output"
         if "\ufffd" in out or any(ord(c) < 32 and c not in "\n\t" for c in out):
             return "format"
+        if self.tools:
+            _, calls, problem = parse_tool_calls(out)
+            if problem:
+                return "tool_call_format"
+            if calls and any(c["function"]["name"] not in self.tools for c in calls):
+                return "unknown_tool"
         if len(out) < self.f.min_chars:
             return "too_short"
         if len(out) > self.f.max_chars:

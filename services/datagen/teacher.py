@@ -3,6 +3,7 @@ here, the CUDA build on GPUs: same code, engine arguments chosen by device), or 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Protocol
@@ -24,7 +25,8 @@ def context_length(model_dir: Path) -> int:
 class Teacher(Protocol):
     name: str
 
-    def chat(self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int]) -> list[str]: ...
+    def chat(self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int],
+             tools: list[dict] | None = None) -> list[str]: ...
 
 
 def engine_args(model_dir: str, device: str, max_model_len: int = MAX_MODEL_LEN) -> dict:
@@ -56,12 +58,14 @@ class VLLMTeacher:
         self.device = device
         self.llm = LLM(**engine_args(str(model_dir), device, context_length(model_dir)))
 
-    def chat(self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int]) -> list[str]:
+    def chat(self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int],
+             tools: list[dict] | None = None) -> list[str]:
         from vllm import SamplingParams
 
         params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                  max_tokens=sampling.max_tokens, seed=s) for s in seeds]
-        outs = self.llm.chat(conversations, params, use_tqdm=False)
+        # the tools go into the chat template, so the teacher answers with <tool_call> blocks we parse
+        outs = self.llm.chat(conversations, params, use_tqdm=False, tools=tools or None)
         return [o.outputs[0].text for o in outs]
 
 
@@ -73,10 +77,16 @@ class OpenAITeacher:
         self.model = model
         self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env, "") if api_key_env else "none")
 
-    def chat(self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int]) -> list[str]:
+    def chat(self, conversations: list[list[dict]], sampling: Sampling, seeds: list[int],
+             tools: list[dict] | None = None) -> list[str]:
         out = []
         for conv, seed in zip(conversations, seeds):
+            extra = {"tools": tools} if tools else {}
             r = self.client.chat.completions.create(model=self.model, messages=conv, temperature=sampling.temperature,
-                                                    top_p=sampling.top_p, max_tokens=sampling.max_tokens, seed=seed)
-            out.append(r.choices[0].message.content or "")
+                                                    top_p=sampling.top_p, max_tokens=sampling.max_tokens, seed=seed,
+                                                    **extra)
+            msg = r.choices[0].message
+            calls = "".join(f"<tool_call>{json.dumps({'name': c.function.name, 'arguments': json.loads(c.function.arguments)})}</tool_call>"
+                            for c in (msg.tool_calls or []))
+            out.append((msg.content or "") + calls)
         return out

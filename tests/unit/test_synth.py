@@ -77,3 +77,73 @@ def test_engine_args_follow_the_device():
     assert cpu["enforce_eager"] and cpu["kv_cache_memory_bytes"] > 0 and "gpu_memory_utilization" not in cpu
     assert gpu["gpu_memory_utilization"] == 0.85 and "kv_cache_memory_bytes" not in gpu and "enforce_eager" not in gpu
     assert cpu["model"] == gpu["model"] == "/m" and not cpu["trust_remote_code"]
+
+
+def tool_recipe():
+    return load_recipe((Path(__file__).resolve().parents[2] / "services/datagen/recipes/weather-tool.yaml").read_text())
+
+
+def test_tool_calls_become_openai_messages_and_bad_ones_are_rejected():
+    from services.datagen.synth import example
+
+    r = tool_recipe()
+    good = 'Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'
+    row = example(r, "Weather in Oslo?", good)
+    reply = row["messages"][-1]
+    assert reply["content"] == "Let me check." and row["tools"] == r.tools
+    assert reply["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    gate = Gate(r)
+    assert gate.reject("q", good) is None
+    assert gate.reject("q", '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>') == "tool_call_format"
+    assert gate.reject("q", '<tool_call>{"name": "get_weather"}</tool_call>') == "tool_call_format"
+    assert gate.reject("q", '<tool_call>{"name": "book_flight", "arguments": {}}</tool_call>') == "unknown_tool"
+    assert gate.reject("q", 'I will call <tool_call>{"name": "get_weather"') == "tool_call_format"
+    with pytest.raises(InvalidArgument, match="output_format: messages"):
+        load_recipe("behaviour: b\ninstruction_template: '{{ i }}'\ntools: [{type: function, function: {name: f}}]\n")
+
+
+def test_openai_endpoint_teacher_speaks_the_protocol():
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, self.headers.get("Authorization"), body))
+            msg = {"role": "assistant", "content": f"echo {body['messages'][-1]['content']}"}
+            if body.get("tools"):
+                msg["tool_calls"] = [{"id": "c1", "type": "function",
+                                      "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
+            out = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                              "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *a):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        import os
+
+        from services.datagen.synth import Sampling
+        from services.datagen.teacher import OpenAITeacher
+
+        os.environ["TEST_TEACHER_KEY"] = "sk-test"
+        t = OpenAITeacher(f"http://127.0.0.1:{server.server_port}/v1", "teacher-x", "TEST_TEACHER_KEY")
+        out = t.chat([[{"role": "user", "content": "hi"}]], Sampling(max_tokens=8, seed=3), [3])
+        assert out == ["echo hi"]
+        path, auth, body = seen[0]
+        assert path == "/v1/chat/completions" and auth == "Bearer sk-test"
+        assert body["model"] == "teacher-x" and body["seed"] == 3 and body["max_tokens"] == 8
+        out = t.chat([[{"role": "user", "content": "w"}]], Sampling(), [0], tools=tool_recipe().tools)
+        assert out == ['echo w<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>']
+    finally:
+        server.shutdown()
