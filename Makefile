@@ -12,7 +12,7 @@ FIXTURES  := build/fixtures
 LOOPBACK  := infra/scripts/loopback.sh
 PYTEST    ?= -q
 
-.PHONY: help setup setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration bench bench-generate up down status clean
+.PHONY: help setup setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration bench bench-prepare bench-generate up down status clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -70,6 +70,9 @@ test-integration: setup fixtures ## Integration tests only
 
 bench: setup-control protos fixtures ## Benchmarks (ratios against the bare libraries)
 	$(LOOPBACK) $(VPY) -m bench.run
+
+bench-prepare: setup-control ## Prepare throughput and peak memory on 100k examples, against bare json.loads
+	$(VPY) -m bench.prepare_throughput
 
 bench-generate: setup-control protos fixtures setup-serve ## Synthetic generation: the job against bare vLLM
 	$(LOOPBACK) $(VPY) -m bench.generate

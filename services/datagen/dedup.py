@@ -1,7 +1,8 @@
 """Exact and near-duplicate detection over canonical examples, streaming: the first occurrence is kept.
 
 Exact: sha256 of the normalised text (lowercased, whitespace collapsed, `role: content` of every turn plus the tool
-calls). Near: datasketch MinHash (64 permutations) of the normalised text's word 3-shingles, MinHashLSH at a Jaccard
+calls). Near: datasketch MinHash (64 permutations) of the word 3-shingles of the normalised text without system turns
+(a system prompt shared by the whole dataset would make everything alike), MinHashLSH at a Jaccard
 threshold for candidates, and the candidates' estimated Jaccard checked against the threshold again (LSH alone lets
 some pairs below it through). Memory: one digest per example and 64 uint32 per kept example, plus the LSH buckets.
 """
@@ -24,13 +25,19 @@ BLOCK = 4096  # signatures are stored in blocks of BLOCK x num_perm uint32
 DedupMode = Literal["none", "exact", "near"]
 
 
-def normalised_text(messages: Iterable[dict], preference: dict[str, list[dict]] | None = None) -> str:
+def normalised_text(messages: Iterable[dict], preference: dict[str, list[dict]] | None = None,
+                    skip_system: bool = False) -> str:
+    """Lowercased, whitespace-collapsed `role: content` of every turn (then the preference's chosen and rejected
+    turns), tool calls as `call name arguments`. `skip_system` leaves system turns out: the near-duplicate text,
+    so that a long system prompt shared by every example does not make unrelated examples look alike."""
     parts: list[str] = []
     sections: list[tuple[str, Iterable[dict]]] = [("", messages)]
     if preference is not None:
         sections += [("chosen ", preference["chosen"]), ("rejected ", preference["rejected"])]
     for prefix, turns in sections:
         for m in turns:
+            if skip_system and m["role"] == "system":
+                continue
             parts.append(f"{prefix}{m['role']}: {m.get('content') or ''}")
             for c in m.get("tool_calls") or ():
                 parts.append(f"call {c['function']['name']} {c['function']['arguments']}")
@@ -96,9 +103,10 @@ class Deduplicator:
         m.update_batch(shingles(text))
         return m
 
-    def add(self, line: int, example_id: str, text: str) -> Duplicate | None:
+    def add(self, line: int, example_id: str, text: str, near_text: str | None = None) -> Duplicate | None:
         """Look at the next example (in file order): None when it is new (and now remembered), else what it
-        duplicates. A duplicate is not remembered: later copies point at the first occurrence."""
+        duplicates. A duplicate is not remembered: later copies point at the first occurrence. `text` is the
+        normalised text; `near_text` (default: text) the one MinHashed, e.g. without the system prompt."""
         if self.mode == "none":
             return None
         digest = hashlib.sha256(text.encode("utf-8")).digest()
@@ -106,8 +114,9 @@ class Deduplicator:
         if first is not None:
             return self._dup("exact", first, line, example_id, 1.0)
         mh = None
-        if self.mode == "near" and text:
-            mh = self._minhash(text)
+        near_text = text if near_text is None else near_text
+        if self.mode == "near" and near_text:
+            mh = self._minhash(near_text)
             best: tuple[int, float] | None = None
             for key in self._lsh.query(mh):
                 sig = self._sigs[key // BLOCK][key % BLOCK]

@@ -545,7 +545,7 @@ def _sharegpt(r: dict) -> Normalised:
         if not isinstance(t, dict):
             raise RecordError(path, f"must be an object with from and value, not {_kind(t)}")
         who = t.get("from")
-        if who not in SHAREGPT_ROLES:
+        if not isinstance(who, str) or who not in SHAREGPT_ROLES:
             raise RecordError(f"{path}.from", "is missing" if who is None else
                               f"must be one of {', '.join(SHAREGPT_ROLES)}, not {who!r}")
         value = t.get("value")

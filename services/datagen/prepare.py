@@ -23,10 +23,26 @@ from pydantic import BaseModel, Field
 
 from services.datagen import formats
 from services.datagen.dedup import Deduplicator, cluster_dicts, normalised_text
-from services.datagen.report import MAX_CLUSTERS, MAX_FLAGGED, SAMPLE_SIZE, Reservoir, Stats, render_sample, write_report
+from services.datagen.report import (
+    MAX_CLUSTERS,
+    MAX_FLAGGED,
+    SAMPLE_SIZE,
+    Reservoir,
+    Stats,
+    render_sample,
+    write_report,
+)
 from services.datagen.split import choose_holdout, write_split
-from services.datagen.validate import (Problem, ProblemLog, check_count, check_example, check_length, error,
-                                       token_lengths, warning)
+from services.datagen.validate import (
+    Problem,
+    ProblemLog,
+    check_count,
+    check_example,
+    check_length,
+    error,
+    token_lengths,
+    warning,
+)
 
 PROGRESS_EVERY = 1000
 FormatName = Literal["auto", "alpaca", "chat", "sharegpt", "completion", "preference"]
@@ -131,7 +147,10 @@ class _Run:
             if self.spec.drop_too_long:
                 self.n_dropped += 1
                 return None
-        dup = self.dedup.add(src["line"], ex["id"], text)
+        near = None
+        if self.spec.dedup == "near" and any(m["role"] == "system" for m in ex["messages"]):
+            near = normalised_text(ex["messages"], ex["preference"], skip_system=True)
+        dup = self.dedup.add(src["line"], ex["id"], text, near)
         if dup is not None:
             text = (f"{'an exact' if dup.kind == 'exact' else 'a near'} duplicate of line {dup.of_line} "
                     f"(id {dup.of_id}" + (f", similarity {dup.similarity:.2f})" if dup.kind == "near" else ")"))

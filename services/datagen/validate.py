@@ -201,7 +201,7 @@ def conversation_parts(example: dict[str, Any]) -> tuple[list[dict], list[dict]]
     return msgs[:last], msgs
 
 
-def token_lengths(tokenizer: "ChatTokenizer", example: dict[str, Any]) -> tuple[int, int]:
+def token_lengths(tokenizer: ChatTokenizer, example: dict[str, Any]) -> tuple[int, int]:
     """(prompt tokens, response tokens): the prompt is everything before the final assistant turn rendered with
     the generation prompt; the response is the whole conversation's count minus the prompt's (clipped at 0)."""
     prompt, full = conversation_parts(example)

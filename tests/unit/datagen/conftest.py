@@ -1,46 +1,8 @@
-"""Helpers for the prepare library's tests: a ChatML tokenizer double (jinja2 template, whitespace counting)."""
-
-from __future__ import annotations
-
-import json
-from pathlib import Path
-
 import pytest
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-GOLDEN = Path(__file__).parent / "golden"
-CHATML = (
-    "{% if tools %}<|im_start|>system\ntools: {{ tools | map(attribute='function') | map(attribute='name') | join(', ') }}"
-    "<|im_end|>\n{% endif %}"
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}"
-    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }} {{ c.function.arguments }}</tool_call>{% endfor %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-class ChatMLWhitespace:
-    """The ChatTokenizer protocol the way the real one works (render with the chat template, count the text), with
-    whitespace-separated words as tokens."""
-
-    def __init__(self) -> None:
-        self.template = ImmutableSandboxedEnvironment().from_string(CHATML)
-
-    def render(self, messages, tools, add_generation_prompt):
-        return self.template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt)
-
-    def count(self, text):
-        return len(text.split())
+from tests.unit.datagen.helpers import ChatMLWhitespace
 
 
 @pytest.fixture
 def tok():
     return ChatMLWhitespace()
-
-
-def write_jsonl(path: Path, rows: list, raw: bool = False) -> Path:
-    path.write_text("".join((r if raw else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-def alpaca(i: int, text: str = "") -> dict:
-    return {"instruction": f"Question number {i}: {text or 'what is next'}?", "input": "",
-            "output": f"Answer {i} is {i * 7 % 13} {text}".strip()}

@@ -101,3 +101,16 @@ def test_tool_calls_and_preference_count_in_the_text():
 @pytest.mark.parametrize("text,expected", [("", []), ("a, b!", [b"a b"]), ("a b c d", [b"a b c", b"b c d"])])
 def test_shingles(text, expected):
     assert shingles(text) == expected
+
+
+def test_a_shared_system_prompt_does_not_make_examples_alike(tmp_path, tok):
+    from services.datagen.prepare import PrepareOptions, prepare
+    from tests.unit.datagen.helpers import write_jsonl
+
+    system = " ".join(f"rule{i} applies always" for i in range(60))  # 180 words on every example
+    rows = [{"messages": [{"role": "system", "content": system}, *conv]} for conv in unrelated(100, seed=2)]
+    r = prepare(write_jsonl(tmp_path / "s.jsonl", rows), tmp_path / "o", PrepareOptions(), tok)
+    assert r.ok and r.num_near_duplicates == 0 and r.num_kept == 100
+    rows.append({"messages": [{"role": "system", "content": "Be brief."}, *rows[7]["messages"][1:]]})
+    r = prepare(write_jsonl(tmp_path / "s.jsonl", rows), tmp_path / "o", PrepareOptions(), tok)
+    assert r.num_near_duplicates == 1 and r.warnings[0].message.startswith("a near duplicate of line 8")

@@ -15,7 +15,7 @@ import pytest
 from services.datagen import formats
 from services.datagen.formats import RecordError, detect_format, normalise, read_records, to_example
 from services.datagen.validate import Problem, check_example
-from tests.unit.datagen.conftest import GOLDEN, write_jsonl
+from tests.unit.datagen.helpers import GOLDEN, write_jsonl
 
 FORMATS = ["alpaca", "chat", "sharegpt", "completion", "preference"]
 

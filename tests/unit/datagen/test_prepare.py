@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from services.datagen.prepare import PrepareOptions, prepare
-from tests.unit.datagen.conftest import GOLDEN, alpaca, write_jsonl
+from tests.unit.datagen.helpers import GOLDEN, alpaca, write_jsonl
 
 WORDS = "apple river stone cloud maple violet copper lantern meadow harbor falcon ember quartz willow".split()
 

@@ -8,7 +8,7 @@ import json
 from html.parser import HTMLParser
 
 from services.datagen.prepare import PrepareOptions, prepare
-from tests.unit.datagen.conftest import alpaca, write_jsonl
+from tests.unit.datagen.helpers import alpaca, write_jsonl
 
 EVIL = "<script>alert('x')</script>"
 
