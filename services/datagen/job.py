@@ -63,10 +63,8 @@ def generate_dataset(ctx: JobContext, spec: GenerateDatasetSpec) -> None:
     """datagen.generate (serve environment): setup (the teacher) -> run (batches of prompts through the teacher
     and the filters until N are kept or the attempts run out) -> save (a raw dataset artifact with lineage)."""
     import json
-    from collections import Counter
 
-    from services.datagen.synth import Gate, Recipe, chat_prompt, example, instructions, judge_prompt, parse_score
-    from services.datagen.synth import recipe_sha256
+    from services.datagen.synth import Recipe, generate, recipe_sha256
     from services.datagen.teacher import OpenAITeacher, VLLMTeacher
 
     # setup
@@ -80,49 +78,25 @@ def generate_dataset(ctx: JobContext, spec: GenerateDatasetSpec) -> None:
     else:
         e = spec.teacher.endpoint
         teacher = OpenAITeacher(e.base_url, e.model, e.api_key_env)
-    gate = Gate(recipe)
-    want, limit = recipe.num_examples, int(recipe.num_examples * recipe.max_attempts_factor)
-    kept: list[dict] = []
-    rejected: list[dict] = []
-    counts: Counter = Counter()
-    attempt = 0
-    t0 = time.monotonic()
-    # run
-    while len(kept) < want and attempt < limit:
+    want = recipe.num_examples
+
+    def progress(g) -> None:
         ctx.check_cancelled()
-        n = min(BATCH, limit - attempt)
-        instrs = instructions(recipe, attempt, n)
-        seeds = [recipe.sampling.seed * 1_000_003 + attempt + j for j in range(n)]
-        outputs = teacher.chat([chat_prompt(recipe, x) for x in instrs], recipe.sampling, seeds, recipe.tools)
-        scores: list[float | None] = [None] * n
-        if recipe.filters.judge:
-            judge_sampling = recipe.sampling.model_copy(update={"temperature": 0.0, "max_tokens": 4})
-            scores = [parse_score(t) for t in teacher.chat(
-                [judge_prompt(recipe, x, o) for x, o in zip(instrs, outputs)], judge_sampling, seeds)]
-        for instr, out, score in zip(instrs, outputs, scores):
-            reason = gate.reject(instr, out)
-            if reason is None and recipe.filters.judge and (score is None or score < recipe.filters.judge_threshold):
-                reason = "judge"
-            if reason:
-                counts[f"rejected_{reason}"] += 1
-                if len(rejected) < 200:
-                    rejected.append({"reason": reason, "instruction": instr, "output": out, "score": score})
-                continue
-            gate.remember(instr, out)
-            kept.append(example(recipe, instr, out.strip()))
-            if len(kept) == want:
-                break
-        attempt += n
-        counts["generated"] = attempt
-        ctx.metrics(len(kept), {"generated": float(attempt), "kept": float(len(kept)),
-                                "rejected": float(attempt - len(kept)), **{k: float(v) for k, v in counts.items()}},
-                    total_steps=want, text=f"generated {attempt}, kept {len(kept)}, rejected "
-                    + ", ".join(f"{k.removeprefix('rejected_')}={v}" for k, v in sorted(counts.items())
-                                if k.startswith("rejected_")))
+        rejected = {k: v for k, v in g.counts.items() if k.startswith("rejected_")}
+        ctx.metrics(len(g.kept), {"generated": float(g.attempts), "kept": float(len(g.kept)),
+                                  "rejected": float(g.attempts - len(g.kept)),
+                                  **{k: float(v) for k, v in g.counts.items()}},
+                    total_steps=want, text=f"generated {g.attempts}, kept {len(g.kept)}, rejected "
+                    + ", ".join(f"{k.removeprefix('rejected_')}={v}" for k, v in sorted(rejected.items())))
+
+    # run
+    t0 = time.monotonic()
+    result = generate(recipe, teacher, BATCH, progress)
     seconds = time.monotonic() - t0
+    kept, rejected, counts, attempt = result.kept, result.rejected, result.counts, result.attempts
     if not kept:
         ctx.fail(f"the teacher produced nothing that passed the filters in {attempt} attempts: "
-                 f"{dict(counts)}; loosen the filters or check the teacher")
+                 f"{counts}; loosen the filters or check the teacher")
     if len(kept) < want:
         ctx.event(f"kept {len(kept)} of the {want} requested after {attempt} attempts", level="warning")
     # save

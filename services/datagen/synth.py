@@ -226,5 +226,48 @@ class Gate:
         return None
 
 
+class Generation(BaseModel):
+    kept: list[dict[str, Any]] = Field(default_factory=list)
+    rejected: list[dict[str, Any]] = Field(default_factory=list)   # the first 200, with reasons
+    counts: dict[str, int] = Field(default_factory=dict)           # generated, rejected_<reason>
+    attempts: int = 0
+
+
+def generate(recipe: Recipe, teacher, batch: int = 64, on_round=None) -> Generation:
+    """Ask the teacher in batches until `num_examples` pass the gate (and the judge, when on) or the attempts
+    (num_examples x max_attempts_factor) run out. `teacher.chat(conversations, sampling, seeds, tools)` is
+    services.datagen.teacher's protocol; `on_round(result)` runs after each batch (progress, cancel checks)."""
+    gate, g = Gate(recipe), Generation()
+    want, limit = recipe.num_examples, int(recipe.num_examples * recipe.max_attempts_factor)
+    while len(g.kept) < want and g.attempts < limit:
+        n = min(batch, limit - g.attempts)
+        instrs = instructions(recipe, g.attempts, n)
+        seeds = [recipe.sampling.seed * 1_000_003 + g.attempts + j for j in range(n)]
+        outputs = teacher.chat([chat_prompt(recipe, x) for x in instrs], recipe.sampling, seeds, recipe.tools)
+        scores: list[float | None] = [None] * n
+        if recipe.filters.judge:
+            judging = recipe.sampling.model_copy(update={"temperature": 0.0, "max_tokens": 4})
+            scores = [parse_score(t) for t in teacher.chat(
+                [judge_prompt(recipe, x, o) for x, o in zip(instrs, outputs)], judging, seeds, None)]
+        for instr, out, score in zip(instrs, outputs, scores):
+            reason = gate.reject(instr, out)
+            if reason is None and recipe.filters.judge and (score is None or score < recipe.filters.judge_threshold):
+                reason = "judge"
+            if reason:
+                g.counts[f"rejected_{reason}"] = g.counts.get(f"rejected_{reason}", 0) + 1
+                if len(g.rejected) < 200:
+                    g.rejected.append({"reason": reason, "instruction": instr, "output": out, "score": score})
+                continue
+            gate.remember(instr, out)
+            g.kept.append(example(recipe, instr, out.strip()))
+            if len(g.kept) == want:
+                break
+        g.attempts += n
+        g.counts["generated"] = g.attempts
+        if on_round:
+            on_round(g)
+    return g
+
+
 def recipe_sha256(recipe: Recipe) -> str:
     return hashlib.sha256(json.dumps(recipe.model_dump(), sort_keys=True).encode()).hexdigest()

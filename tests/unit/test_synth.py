@@ -147,3 +147,55 @@ def test_openai_endpoint_teacher_speaks_the_protocol():
         assert out == ['echo w<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>']
     finally:
         server.shutdown()
+
+
+class ScriptedTeacher:
+    """The Teacher protocol with canned answers: generation replies by instruction, judge replies by answer."""
+
+    name = "scripted"
+
+    def __init__(self, answers, scores=None):
+        self.answers, self.scores, self.calls = answers, scores or {}, []
+
+    def chat(self, conversations, sampling, seeds, tools=None):
+        self.calls.append((len(conversations), sampling.temperature, list(seeds)))
+        last = [c[-1]["content"] for c in conversations]
+        if conversations and conversations[0][0]["content"].startswith("You grade answers"):
+            return [self.scores.get(t.split("Answer: ", 1)[1].rsplit("\n\nScore:", 1)[0], "no idea") for t in last]
+        return [self.answers(t) if callable(self.answers) else self.answers[t] for t in last]
+
+
+def judged_recipe(**filters):
+    text = ("behaviour: answer about rivers\ninstruction_template: 'Q{{ i }}'\nnum_examples: 3\n"
+            "max_attempts_factor: 2\nfilters: {" + ", ".join(f"{k}: {v}" for k, v in filters.items()) + "}\n")
+    return load_recipe(text)
+
+
+def test_generation_loop_with_the_judge():
+    from services.datagen.synth import generate
+
+    answers = {f"Q{i}": a for i, a in enumerate([
+        "Rivers flow to the sea carrying silt and water.",        # judged 9: kept
+        "Banana pancakes are my favourite breakfast food.",        # judged 2: rejected by the judge
+        "",                                                        # empty: rejected before judging counts
+        "Rivers shape valleys by slow erosion over centuries.",   # judged 8: kept
+        "Rivers freeze in winter in the far north of Canada.",    # judged 7: kept
+        "never reached"])}
+    scores = {answers["Q0"]: "9", answers["Q1"]: "2", answers["Q3"]: "Score: 8", answers["Q4"]: "7/10"}
+    teacher = ScriptedTeacher(answers, scores)
+    rounds = []
+    g = generate(judged_recipe(judge="true", judge_threshold=6, dedup="exact"), teacher, batch=5,
+                 on_round=lambda r: rounds.append(r.attempts))
+    assert [k["output"] for k in g.kept] == [answers["Q0"], answers["Q3"], answers["Q4"]]
+    assert g.counts == {"generated": 5, "rejected_judge": 1, "rejected_empty_output": 1}
+    assert {r["reason"] for r in g.rejected} == {"judge", "empty_output"} and rounds == [5]
+    gen_call, judge_call = teacher.calls
+    assert gen_call[1] == 0.8 and judge_call[1] == 0.0 and gen_call[2] == judge_call[2]  # judged greedily, same seeds
+
+
+def test_generation_stops_at_the_attempt_limit():
+    from services.datagen.synth import generate
+
+    teacher = ScriptedTeacher(lambda q: "")  # never anything usable
+    g = generate(judged_recipe(), teacher, batch=4)
+    assert g.kept == [] and g.attempts == 6 and g.counts["rejected_empty_output"] == 6  # 3 wanted x factor 2
