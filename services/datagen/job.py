@@ -20,7 +20,7 @@ BATCH = 64
 
 def prepare_dataset(ctx: JobContext, spec: PrepareDatasetSpec) -> None:
     from services.datagen.chat_tokenizer import HFChatTokenizer
-    from services.datagen.prepare import PrepareOptions, prepare
+    from services.datagen.prepare import prepare
 
     # setup
     cache = ctx.settings.cache_dir
@@ -34,7 +34,7 @@ def prepare_dataset(ctx: JobContext, spec: PrepareDatasetSpec) -> None:
         ctx.phase("validating")
         ctx.event(f"preparing {raw.id} ({source.name}, {raw.total_bytes} bytes) with the tokenizer of "
                   f"{spec.base_model.uri}")
-        result = prepare(source, out, PrepareOptions(**spec.options.model_dump()), tokenizer,
+        result = prepare(source, out, spec.options, tokenizer,
                          on_progress=lambda n, msg: (ctx.check_cancelled(), ctx.metrics(n, {"examples_read": float(n)},
                                                                                         text=msg)))
         ctx.phase("running")

@@ -17,7 +17,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from pydantic import BaseModel, Field
 
@@ -32,6 +32,7 @@ from services.datagen.report import (
     render_sample,
     write_report,
 )
+from services.datagen.spec import PrepareOptions  # one definition, shared with the job spec
 from services.datagen.split import choose_holdout, write_split
 from services.datagen.validate import (
     Problem,
@@ -44,29 +45,14 @@ from services.datagen.validate import (
     warning,
 )
 
+
 PROGRESS_EVERY = 1000
-FormatName = Literal["auto", "alpaca", "chat", "sharegpt", "completion", "preference"]
 
 
 class ChatTokenizer(Protocol):
     def render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> str: ...
 
     def count(self, text: str) -> int: ...
-
-
-class PrepareOptions(BaseModel):
-    format: FormatName = "auto"
-    holdout_fraction: float = Field(0.1, ge=0.0, le=0.5)
-    seed: int = 0
-    dedup: Literal["none", "exact", "near"] = "near"
-    dedup_action: Literal["drop", "flag"] = "drop"
-    near_duplicate_threshold: float = Field(0.8, gt=0.0, le=1.0)
-    max_tokens: int = Field(0, ge=0)  # 0: no limit
-    drop_too_long: bool = False
-    min_examples: int = Field(1, ge=1)
-    stratify_field: str = ""
-    max_reported_problems: int = Field(50, ge=1, le=10_000)
-    max_line_bytes: int = Field(formats.MAX_LINE_BYTES, ge=1024)
 
 
 class PrepareResult(BaseModel):

@@ -16,7 +16,7 @@ TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "sp
 
 
 class PrepareOptions(BaseModel):
-    """Mirrors services.datagen.prepare.PrepareOptions (the library), field for field."""
+    """The prepare step's options: the job spec's and the library's (services.datagen.prepare) one definition."""
 
     format: FormatName = "auto"
     holdout_fraction: float = Field(0.1, ge=0.0, le=0.5)
@@ -29,6 +29,7 @@ class PrepareOptions(BaseModel):
     min_examples: int = Field(1, ge=1)
     stratify_field: str = ""
     max_reported_problems: int = Field(50, ge=1, le=10_000)
+    max_line_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="a longer line is an error, never parsed")
 
 
 class PrepareDatasetSpec(BaseModel):
