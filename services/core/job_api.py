@@ -50,9 +50,9 @@ class JobService:
     def __init__(self, runner: JobRunner, service: str):
         self.runner, self.service = runner, service
 
-    async def get(self, job_id: str) -> JobRecord:
+    async def get(self, job_id: str, *, with_spec: bool = True) -> JobRecord:
         job_id_var.set(job_id)
-        return await asyncio.to_thread(self.runner.get, validate_id(job_id, "job_id"))
+        return await asyncio.to_thread(self.runner.get, validate_id(job_id, "job_id"), with_spec=with_spec)
 
     async def list(self, *, kind: str, states: set[JobState], page_size_: int, token: str,
                    all_services: bool = False) -> tuple[list[JobRecord], str]:
@@ -70,7 +70,8 @@ class JobService:
         job_id_var.set(job_id)
         if after < 0:
             raise InvalidArgument.field("after_cursor", "must be ≥ 0")
-        rec = await self.get(job_id)  # NOT_FOUND before streaming anything
+        # state only: the poll below runs every 0.2-1 s and has no use for the spec (one store read fewer)
+        rec = await self.get(job_id, with_spec=False)  # NOT_FOUND before streaming anything
         cursor, delay = after, self.POLL_MIN_S
         while True:
             terminal = rec.state.is_terminal()
@@ -88,7 +89,7 @@ class JobService:
                 return
             delay = self.POLL_MIN_S if events else min(delay * 1.5, self.POLL_MAX_S)
             await asyncio.sleep(delay)
-            rec = await self.get(job_id)
+            rec = await self.get(job_id, with_spec=False)
 
 
 class JobSurfaceServicer:
