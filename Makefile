@@ -11,6 +11,8 @@ FIXTURES  := build/fixtures
 # Runs a command inside a loopback-only network namespace where one can be made (Ray binds all interfaces).
 LOOPBACK  := infra/scripts/loopback.sh
 PYTEST    ?= -q
+# Unit tests that need torch/transformers/peft/trl in-process: they run with the train venv's interpreter.
+TRAIN_TESTS := tests/unit/train
 
 .PHONY: help setup setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration bench bench-prepare bench-generate up down status clean
 
@@ -59,11 +61,11 @@ demo: setup-control protos fixtures ## THE MAIN JOB: embedded stack, import the 
 	$(LOOPBACK) $(VENV)/bin/tunery demo --model $(FIXTURES)/tiny-llama
 
 test: setup fixtures ## Run every test (unit + integration) against real Ray, S3 and gRPC on 127.0.0.1
-	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests --ignore=tests/unit/test_tiny_models.py
-	.venvs/train/bin/python -m pytest $(PYTEST) -p no:cacheprovider tests/unit/test_tiny_models.py
+	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests --ignore=$(TRAIN_TESTS)
+	.venvs/train/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(TRAIN_TESTS)
 
 test-unit: setup-control protos ## Unit tests only (fast, fakes allowed)
-	$(VPY) -m pytest $(PYTEST) tests/unit --ignore=tests/unit/test_tiny_models.py
+	$(VPY) -m pytest $(PYTEST) tests/unit --ignore=$(TRAIN_TESTS)
 
 test-integration: setup fixtures ## Integration tests only
 	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests/integration

@@ -17,9 +17,13 @@ class FakeRunner:
         self.artifacts = artifacts
         self.jobs: dict[str, JobRecord] = {}
         self.submitted: list[JobRequest] = []
+        self.cluster: list[dict[str, float]] = [{"CPU": 2.0, "memory": 8 * 2**30}]  # what nodes() reports
 
     def ping(self) -> None:
         return None
+
+    def nodes(self) -> list[dict[str, float]]:
+        return self.cluster
 
     def submit(self, req: JobRequest) -> JobRecord:
         job_id = req.idempotency_key or f"{req.service}-{uuid.uuid4().hex[:12]}"

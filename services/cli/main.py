@@ -28,6 +28,8 @@ app.add_typer(datasets_app, name="datasets")
 app.add_typer(artifacts_app, name="artifacts")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(data_app, name="data")
+train_app = typer.Typer(help="Training: LoRA / QLoRA / DoRA adapters (plan, submit).", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 
 out = Console()
 err = Console(stderr=True)
@@ -301,6 +303,17 @@ def artifacts_lineage(artifact_id: str, max_depth: int = typer.Option(0)) -> Non
         out.print(("  " * min(i, 1)) + ("└─ " if i else "") + f"{a.id}  ({a.created_by_job or 'no job'})")
 
 
+@artifacts_app.command("download")
+def artifacts_download(artifact_id: str, path: str = typer.Argument(..., help="A file of the artifact."),
+                       out_path: str = typer.Option("", "--out", help="Where to write it (default: its name).")) -> None:
+    """Download one file of an artifact (sha256-verified), e.g. an adapter's loss_curve.png."""
+    from pathlib import Path
+
+    dest = Path(out_path or Path(path).name)
+    rpc(client().download, artifact_id, path, dest)
+    out.print(str(dest))
+
+
 @artifacts_app.command("delete")
 def artifacts_delete(artifact_id: str) -> None:
     """Delete an artifact (refused while another artifact names it as a parent)."""
@@ -343,6 +356,10 @@ def jobs_cancel(job_id: str, reason: str = typer.Option("")) -> None:
     emit(job) if OPTS["json"] else out.print(f"{job.id} {state_name(job.state)} {job.state_reason}")
 
 
+# What the progress bar shows when a job reports it (training: loss, lr, throughput).
+WATCHED_METRICS = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "kept", "examples_read")
+
+
 def render_watch(c: TuneryClient, job_id: str, after: int = 0) -> None:
     """Events as lines, metrics as a live progress bar."""
     with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
@@ -350,8 +367,9 @@ def render_watch(c: TuneryClient, job_id: str, after: int = 0) -> None:
         task = progress.add_task(job_id, total=None)
         for ev in c.watch(job_id, after):
             if ev.type == pb.EVENT_TYPE_METRICS and ev.total_steps:
+                shown = [k for k in WATCHED_METRICS if k in ev.metrics] or list(ev.metrics)[:3]
                 progress.update(task, total=ev.total_steps, completed=ev.step,
-                                description=f"{job_id} " + " ".join(f"{k}={v:.3g}" for k, v in list(ev.metrics.items())[:3]))
+                                description=f"{job_id} " + " ".join(f"{k}={ev.metrics[k]:.3g}" for k in shown))
             else:
                 colour = {pb.EVENT_LEVEL_ERROR: "red", pb.EVENT_LEVEL_WARNING: "yellow"}.get(ev.level, "")
                 text = f"[{colour}]{ev.text}[/{colour}]" if colour else ev.text
@@ -370,6 +388,91 @@ def jobs_watch(job_id: str, after: int = typer.Option(0, "--after", help="Resume
             render_watch(c, job_id, after)
     except grpc.RpcError as e:
         fail_rpc(e)
+
+
+# ---------------------------------------------------------------------- training
+def load_training_spec(path: str, base: str, dataset: str, sets: list[str]) -> dict[str, Any]:
+    """A training recipe (YAML) plus the command line: --base/--dataset and dotted --set key=value overrides."""
+    import yaml
+
+    spec = yaml.safe_load(open(path, encoding="utf-8")) if path else {}
+    if not isinstance(spec, dict):
+        err.print(f"{path}: a training spec is a YAML mapping")
+        raise typer.Exit(2)
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            err.print(f"--set {item!r}: expected key=value, e.g. --set lora.rank=8")
+            raise typer.Exit(2)
+        *parents, leaf = key.split(".")
+        node = spec
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    if base:
+        spec["base_model"] = base
+    if dataset:
+        spec["dataset"] = dataset
+    return spec
+
+
+def _training_request(spec: dict[str, Any]):
+    from google.protobuf.json_format import ParseError
+
+    from services.sdk.client import training_spec
+
+    try:
+        return training_spec(spec)
+    except (ParseError, ValueError, TypeError) as e:
+        err.print(f"[red]INVALID_ARGUMENT[/red]: the training spec does not parse: {e}")
+        raise typer.Exit(2)
+
+
+SPEC_ARG = typer.Argument("", help="A training spec YAML (services/training/recipes/); empty: defaults.")
+BASE_OPT = typer.Option("", "--base", help="The base model artifact.")
+DATA_OPT = typer.Option("", "--dataset", help="A prepared dataset artifact (its train split is used).")
+SET_OPT = typer.Option([], "--set", help="Override a spec field: --set lora.rank=8 --set max_steps=20.")
+
+
+@train_app.command("plan")
+def train_plan(spec: str = SPEC_ARG, base: str = BASE_OPT, dataset: str = DATA_OPT,
+               set_: list[str] = SET_OPT) -> None:
+    """Estimate peak memory and the resources a training job needs, without submitting it."""
+    c = client()
+    plan = rpc(c.plan_training, _training_request(load_training_spec(spec, base, dataset, set_)))
+    if OPTS["json"]:
+        emit(plan)
+        return
+    b = plan.breakdown
+    table = Table(title=f"training plan: ~{plan.peak_gib_per_gpu:.2f} GiB peak per device")
+    table.add_column("component")
+    table.add_column("GiB", justify="right")
+    for name in ("weights", "adapter", "gradients", "optimizer", "activations", "overhead"):
+        table.add_row(name, f"{getattr(b, name + '_gib'):.3f}")
+    out.print(table)
+    out.print(f"trainable {plan.trainable_parameters:,} of {plan.total_parameters:,} parameters; modules: "
+              f"{', '.join(plan.target_modules)}")
+    out.print(f"asks Ray for {plan.resources.cpus:g} CPU, {plan.resources.gpus:g} GPU")
+    out.print(("[green]feasible[/green]: " if plan.feasible else "[red]infeasible[/red]: ") + plan.reason)
+    for s in plan.suggestions:
+        out.print(f"  try: {s}")
+    for n in plan.notes:
+        out.print(f"  note: {n}")
+    if not plan.feasible:
+        raise typer.Exit(1)
+
+
+@train_app.command("submit")
+def train_submit(spec: str = SPEC_ARG, base: str = BASE_OPT, dataset: str = DATA_OPT, set_: list[str] = SET_OPT,
+                 key: str = typer.Option("", "--key"), watch: bool = typer.Option(True)) -> None:
+    """Queue a fine-tuning job; with --watch (default) follow it with a progress bar until it ends."""
+    c = client()
+    job = rpc(c.submit_training, _training_request(load_training_spec(spec, base, dataset, set_)), key=key)
+    final = follow(c, job, watch)
+    if watch and final.outputs and not OPTS["json"]:
+        adapters = [o.uri for o in final.outputs if "/adapter-" in o.uri]
+        if adapters:
+            out.print(f"adapter: {adapters[-1]}  (loss curve: tunery artifacts download {adapters[-1]} loss_curve.png)")
 
 
 # ---------------------------------------------------------------------- the main job

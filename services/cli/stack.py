@@ -139,8 +139,10 @@ def up(*, store_url: str = "", s3: dict[str, str] | None = None, ray_address: st
         state.ray_start_s = time.monotonic() - t0
     env["TUNERY_RAY_ADDRESS"] = state.ray_address
     for name, port in SERVICE_PORTS.items():
-        env.setdefault(f"TUNERY_{name.upper()}_PORT", str(port))
-        state.ports[name] = int(env[f"TUNERY_{name.upper()}_PORT"])
+        env.setdefault(f"TUNERY_{name.upper()}_PORT", str(port))  # 0: the kernel picks, reported back below
+    ports_file = h / "ports.json"
+    ports_file.unlink(missing_ok=True)
+    env["TUNERY_PORTS_FILE"] = str(ports_file)
     on_step("starting the services")
     log = open(h / "logs" / "services.log", "ab")
     proc = subprocess.Popen([sys.executable, "-m", "services.embedded"], env=env, stdout=log,
@@ -148,15 +150,28 @@ def up(*, store_url: str = "", s3: dict[str, str] | None = None, ray_address: st
     state.services_pid = proc.pid
     state.save()
     deadline = time.monotonic() + timeout
-    while health(state.ports["registry"]) != "SERVING":
+    while not state.ports or health(state.ports["registry"]) != "SERVING":
         if not alive(proc.pid):
-            raise RuntimeError(f"the services exited at start; see {h / 'logs' / 'services.log'}")
+            raise RuntimeError(f"the services exited at start: {last_error(h / 'logs' / 'services.log')} "
+                               f"(full log: {h / 'logs' / 'services.log'})")
         if time.monotonic() > deadline:
             raise TimeoutError(f"the services were not SERVING within {timeout:.0f}s; see {h / 'logs'}")
+        if not state.ports and ports_file.exists():
+            state.ports = {k: int(v) for k, v in json.loads(ports_file.read_text()).items()}
+            state.save()
         time.sleep(0.2)
     state.ready_s = time.monotonic() - t0
     state.save()
     return state
+
+
+def last_error(log: Path, lines: int = 3) -> str:
+    """The last lines of a log, so a failed start says why without opening the file."""
+    try:
+        tail = log.read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return "no log"
+    return " | ".join(line.strip()[:300] for line in tail) or "empty log"
 
 
 def _stop(pid: int, grace: float) -> None:

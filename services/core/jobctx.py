@@ -45,6 +45,8 @@ class JobContext:
         self.progress = self.files.progress()
         self._cursor = self.progress.last_cursor
         self._last_cancel_check = 0.0
+        self._cancel_reason: str | None = None
+        self._stop_signal = ""
 
     @classmethod
     def from_argv(cls, argv: list[str] | None = None) -> "JobContext":
@@ -115,13 +117,30 @@ class JobContext:
 
     def check_cancelled(self, every_s: float = 1.0) -> None:
         """Raise JobCancelled when a cancel was requested (polled at most every `every_s` seconds)."""
-        now = time.monotonic()
-        if now - self._last_cancel_check < every_s:
-            return
-        self._last_cancel_check = now
-        reason = self.files.cancel_reason()
+        reason = self.cancel_requested(every_s)
         if reason is not None:
             raise JobCancelled(reason)
+
+    def cancel_requested(self, every_s: float = 1.0) -> str | None:
+        """The cancel's reason once one was requested (a SIGTERM, or cancel.json polled at most every `every_s`
+        seconds), else None. For jobs that stop on their own terms, e.g. after saving a checkpoint."""
+        if self._stop_signal:
+            return self._stop_signal
+        now = time.monotonic()
+        if now - self._last_cancel_check >= every_s:
+            self._last_cancel_check = now
+            self._cancel_reason = self.files.cancel_reason()
+        return self._cancel_reason
+
+    def stop_gracefully_on_sigterm(self) -> None:
+        """Turn SIGTERM (Ray's stop_job) into a cancel request the job polls, instead of dying on the spot."""
+        import signal
+
+        def handler(signum, frame):
+            self._stop_signal = f"stopped by {signal.Signals(signum).name}"
+            log.warning("%s: finishing the current step and saving state", self._stop_signal)
+
+        signal.signal(signal.SIGTERM, handler)
 
     # ------------------------------------------------------------------ artifacts
     def writer(self, kind: str, name: str, parents: Iterable[ArtifactRef] = ()) -> ArtifactWriter:

@@ -228,6 +228,7 @@ class JobRunner(Protocol):
              offset: int = 0, limit: int = 50) -> tuple[list[JobRecord], int]: ...
     def cancel(self, job_id: str, reason: str) -> JobRecord: ...
     def events(self, job_id: str, after: int = 0) -> list[JobEvent]: ...
+    def nodes(self) -> list[dict[str, float]]: ...
 
 
 class RayJobRunner:
@@ -272,7 +273,8 @@ class RayJobRunner:
                 return None
             raise Unavailable(f"Ray job API error: {e}") from e
 
-    def _node_resources(self) -> list[dict[str, float]]:
+    def nodes(self) -> list[dict[str, float]]:
+        """Each live node's total resources as Ray reports them (CPU, GPU, memory, accelerator_type:X), cached."""
         at, nodes = self._nodes
         if time.monotonic() - at < self.NODES_TTL_S:
             return nodes
@@ -298,7 +300,7 @@ class RayJobRunner:
         env = files.envelope() if with_spec else None
         resources = env.resources if env else Resources.model_validate_json(meta.get("tunery_resources", "{}"))
         if state is JobState.QUEUED:
-            why = unschedulable_reason(resources, self._node_resources())
+            why = unschedulable_reason(resources, self.nodes())
             reason = why or "waiting for free resources (" + _fmt_resources(resources) + ")"
         return JobRecord(
             id=info.submission_id,
@@ -348,7 +350,9 @@ class RayJobRunner:
                 entrypoint_num_gpus=r.gpus,
                 entrypoint_memory=r.memory_bytes or None,
                 entrypoint_resources=entry_resources or None,
-                runtime_env={"env_vars": {**self.job_env, "TUNERY_JOB_ID": job_id}},
+                runtime_env={"env_vars": {**self.job_env, "TUNERY_JOB_ID": job_id,
+                                          # read by Ray's job supervisor: SIGTERM, then this long before SIGKILL
+                                          "RAY_JOB_STOP_WAIT_TIME_S": str(self.settings.job_stop_grace_s)}},
                 metadata={
                     "tunery_project": project,
                     "tunery_service": req.service,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -48,6 +50,7 @@ def run_service(settings: ServiceSettings, build: Builder) -> None:
 
     async def main() -> None:
         server, port = await start(settings, build)
+        write_ports_file({settings.service: port})
         await serve_until_signalled([server], settings.shutdown_grace_s)
 
     asyncio.run(main())
@@ -59,10 +62,24 @@ def run_many(services: Sequence[tuple[ServiceSettings, Builder]]) -> None:
 
     async def main() -> None:
         runtime = Runtime.from_settings(services[0][0])
-        servers = [(await start(s, b, runtime))[0] for s, b in services]
-        await serve_until_signalled(servers, services[0][0].shutdown_grace_s)
+        started = [(s.service, await start(s, b, runtime)) for s, b in services]
+        write_ports_file({name: port for name, (_, port) in started})
+        await serve_until_signalled([server for _, (server, _) in started], services[0][0].shutdown_grace_s)
 
     asyncio.run(main())
+
+
+def write_ports_file(ports: dict[str, int]) -> None:
+    """Tell whoever started this process (`tunery up`) the ports the servers are bound to, so a stack can ask
+    for port 0 and never race another process for a port. Written atomically once every server listens."""
+    path = os.environ.get("TUNERY_PORTS_FILE")
+    if not path:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(ports, f)
+    os.replace(tmp, path)
+    log.info("listening", extra={"ports": ports})
 
 
 def planned_build(base: type, add: Callable, full_name: str, service: str, issue: str) -> Builder:

@@ -68,6 +68,8 @@ class RaySettings(BaseSettings):
     worker_python_train: str = ""
     worker_python_quantize: str = ""
     worker_python_serve: str = ""
+    job_stop_grace_s: int = Field(60, ge=1, description="after a cancel's SIGTERM, how long a job may take to save "
+                                  "its state (a training checkpoint) before Ray kills it")
 
     def python_for(self, role: str) -> str:
         """The interpreter a role's jobs run with: the setting, else the repo's .venvs/<role>, else ours."""

@@ -149,7 +149,7 @@ def render_chat_template(template: str, tok_config: dict[str, Any]) -> str:
 def inspect_model(path: Path, allow_trust_remote_code: bool) -> dict[str, Any]:
     config = quick_check(str(path), allow_trust_remote_code)
     files = weight_files(path)
-    params, dtypes = 0, Counter()
+    params, dtypes, linear = 0, Counter(), set()
     for f in files:
         for name, t in read_safetensors_header(f).items():
             if name == "__metadata__":
@@ -157,6 +157,8 @@ def inspect_model(path: Path, allow_trust_remote_code: bool) -> dict[str, Any]:
             n = math.prod(t["shape"])
             params += n
             dtypes[t["dtype"]] += n
+            if name.endswith(".weight") and len(t["shape"]) == 2:  # what LoRA can target, by short name
+                linear.add(name.rsplit(".", 2)[-2])
     tokenizer_kind = ""
     if (path / "tokenizer.json").is_file():
         from tokenizers import Tokenizer
@@ -196,5 +198,6 @@ def inspect_model(path: Path, allow_trust_remote_code: bool) -> dict[str, Any]:
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest() if template else "",
         "chat_template_sample": rendered[:2000],
         "weight_files": [f.name for f in files],
+        "linear_modules": sorted(linear),
         "trust_remote_code": bool(config.get("auto_map")),
     }

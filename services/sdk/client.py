@@ -19,7 +19,14 @@ from pathlib import Path
 import grpc
 
 from services.gen.tunery.v1 import common_pb2 as pb
-from services.gen.tunery.v1 import datagen_pb2, datagen_pb2_grpc, registry_pb2, registry_pb2_grpc
+from services.gen.tunery.v1 import (
+    datagen_pb2,
+    datagen_pb2_grpc,
+    registry_pb2,
+    registry_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
 
 SERVICE_PORTS = {"registry": 50051, "datagen": 50052, "training": 50053, "merging": 50054,
                  "quantization": 50055, "evaluation": 50056, "serving": 50057, "pipeline": 50058}
@@ -33,6 +40,38 @@ def default_token() -> str:
         return os.environ["TUNERY_TOKEN"]
     path = Path(os.environ.get("TUNERY_HOME", Path.home() / ".tunery")) / "token"
     return path.read_text().strip() if path.exists() else ""
+
+
+def training_spec(d: dict | training_pb2.TrainingSpec) -> training_pb2.TrainingSpec:
+    """A training spec from its YAML/dict form (services/training/recipes/*.yaml): plain words for the enums
+    (method: qlora, lora.preset: attention, precision: bf16, strategy: fsdp), artifact ids for the refs."""
+    from google.protobuf import json_format
+
+    if isinstance(d, training_pb2.TrainingSpec):
+        return d
+    d = {k: v for k, v in d.items() if v is not None}
+    enums = {"method": ("FINETUNE_METHOD_", d.pop("method", "")), "precision": ("PRECISION_", d.pop("precision", "")),
+             "strategy": ("DISTRIBUTED_STRATEGY_", d.pop("strategy", ""))}
+    lora = dict(d.pop("lora", None) or {})
+    qlora = dict(d.pop("qlora", None) or {})
+    preset = str(lora.pop("preset", "") or "").replace("-", "_")
+    compute = qlora.pop("compute_dtype", "")
+    refs = {k: d.pop(k) for k in ("base_model", "dataset") if d.get(k)}
+    spec = json_format.ParseDict({**d, "lora": lora, "qlora": qlora}, training_pb2.TrainingSpec())
+    for k, uri in refs.items():
+        getattr(spec, k).CopyFrom(ref(uri))
+    for field, (prefix, word) in enums.items():
+        if word:
+            setattr(spec, field, prefix + str(word).upper())
+    if preset:
+        spec.lora.preset = "TARGET_MODULES_PRESET_" + preset.upper()
+    if compute:
+        spec.qlora.compute_dtype = "PRECISION_" + str(compute).upper()
+    if not lora and not preset:
+        spec.ClearField("lora")
+    if not qlora and not compute:
+        spec.ClearField("qlora")
+    return spec
 
 
 def ref(artifact: str) -> pb.ArtifactRef:
@@ -57,6 +96,7 @@ class TuneryClient:
         self.channel = self._channel("registry")
         self.registry = registry_pb2_grpc.RegistryServiceStub(self.channel)
         self.datagen = datagen_pb2_grpc.DatagenServiceStub(self._channel("datagen"))
+        self.training = training_pb2_grpc.TrainingServiceStub(self._channel("training"))
 
     def _channel(self, service: str) -> grpc.Channel:
         if service not in self._channels:
@@ -162,6 +202,15 @@ class TuneryClient:
 
     def dataset_report(self, dataset: str) -> datagen_pb2.DatasetReport:
         return self._call(self.datagen.GetDatasetReport, datagen_pb2.GetDatasetReportRequest(dataset=ref(dataset)))
+
+    # ------------------------------------------------------------------ training
+    def submit_training(self, spec: dict | training_pb2.TrainingSpec, *, key: str = "",
+                        options: pb.SubmitOptions | None = None) -> pb.Job:
+        return self._call(self.training.SubmitTraining, training_pb2.SubmitTrainingRequest(
+            spec=training_spec(spec), options=self._options(key, options)))
+
+    def plan_training(self, spec: dict | training_pb2.TrainingSpec) -> training_pb2.TrainingPlan:
+        return self._call(self.training.PlanTraining, training_pb2.PlanTrainingRequest(spec=training_spec(spec)))
 
     # ------------------------------------------------------------------ jobs (any service's; routed via the registry)
     def get_job(self, job_id: str) -> pb.Job:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import REPO, free_port, in_loopback_namespace
+from tests.servers import REPO, in_loopback_namespace
 
 pytestmark = pytest.mark.e2e
 TUNERY = str(Path(sys.executable).with_name("tunery"))
@@ -25,7 +25,7 @@ def cli_env(tmp_path):
         pytest.fail("e2e tests start a Ray head: run them through `make test` (loopback-only namespace)")
     env = {**os.environ, "TUNERY_HOME": str(tmp_path / "home")}
     for name in ("registry", "datagen", "training", "merging", "quantization", "evaluation", "serving", "pipeline"):
-        env[f"TUNERY_{name.upper()}_PORT"] = str(free_port())
+        env[f"TUNERY_{name.upper()}_PORT"] = "0"  # the services report the ports they got
     env.pop("TUNERY_TOKEN", None)
     yield env
     subprocess.run([TUNERY, "down"], env=env, capture_output=True, timeout=120)

@@ -303,13 +303,13 @@ def test_service_process_shuts_down_gracefully_on_sigterm(settings, tmp_path):
     env = {**os.environ, "TUNERY_PROJECT": settings.project, "TUNERY_STORE_URL": settings.store_url,
            "TUNERY_S3_ENDPOINT": settings.s3_endpoint, "TUNERY_S3_ACCESS_KEY": settings.s3_access_key,
            "TUNERY_S3_SECRET_KEY": settings.s3_secret_key, "TUNERY_RAY_ADDRESS": settings.ray_address,
-           "TUNERY_AUTH_TOKENS": TOKEN, "TUNERY_REGISTRY_PORT": "0"}
-    from tests.servers import free_port
-
-    env["TUNERY_REGISTRY_PORT"] = str(port := free_port())
+           "TUNERY_AUTH_TOKENS": TOKEN, "TUNERY_REGISTRY_PORT": "0",
+           "TUNERY_PORTS_FILE": str(ports_file := tmp_path / "ports.json")}
     proc = subprocess.Popen([sys.executable, "-m", "services.registry"], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        wait_for(ports_file.exists, 60, what="the registry process to report its port")
+        port = json.loads(ports_file.read_text())["registry"]
         wait_for(lambda: health(port) == "SERVING", 60, what="registry process SERVING")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0

@@ -1,7 +1,7 @@
 """The offline tiny-model builder (fixtures/build_tiny_models.py).
 
 Needs torch + transformers, so it runs with the train venv:
-    .venvs/train/bin/python -m pytest tests/unit/test_tiny_models.py
+    .venvs/train/bin/python -m pytest tests/unit/train/test_tiny_models.py
 Under any other interpreter (the control venv has no torch) the whole module is skipped.
 """
 
@@ -22,7 +22,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the interpreter
     pytest.skip(
         f"needs torch and transformers ({exc}); run with the train venv: infra/scripts/setup-env.sh train && "
-        ".venvs/train/bin/python -m pytest tests/unit/test_tiny_models.py",
+        ".venvs/train/bin/python -m pytest tests/unit/train/test_tiny_models.py",
         allow_module_level=True,
     )
 

@@ -1,0 +1,250 @@
+"""Supervised fine-tuning with TRL's SFTTrainer + PEFT (train environment; imports torch).
+
+The same code runs on CPU and CUDA: `select_device` picks the device, and every config below is built from the
+spec plus that device, so the GPU path is the CPU path with other arguments (unit-tested in
+tests/unit/train/test_sft_configs.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from services.training.spec import TrainingJobSpec
+
+GENERATION_MARKER = "{% generation %}"
+
+
+# ---------------------------------------------------------------------------------------------- device + dtypes
+def select_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("spec.device is cuda but no CUDA device is visible to this worker")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def compute_dtype(precision: str, device: str, bf16_supported: bool | None = None):
+    """auto: bf16 on a GPU that has it, else fp16 on GPU; fp32 on CPU (CPU bf16 matmuls are slow on AVX2)."""
+    import torch
+
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if precision != "auto":
+        return table[precision]
+    if device == "cpu":
+        return torch.float32
+    if bf16_supported is None:
+        bf16_supported = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if bf16_supported else torch.float16
+
+
+def bnb_config(spec: TrainingJobSpec, device: str, dtype):
+    """QLoRA's 4-bit BitsAndBytesConfig (None for lora/dora). Identical on CPU and CUDA but for the compute dtype."""
+    if spec.method != "qlora":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    cdtype = compute_dtype(spec.qlora.compute_dtype, device) if spec.qlora.compute_dtype != "auto" else dtype
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=spec.qlora.quant_type,
+                              bnb_4bit_use_double_quant=spec.qlora.double_quant, bnb_4bit_compute_dtype=cdtype,
+                              # FSDP shards only parameters of one dtype: store the 4-bit blocks as the compute dtype
+                              **({"bnb_4bit_quant_storage": cdtype} if spec.num_workers > 1 and spec.strategy == "fsdp"
+                                 else {}))
+
+
+def peft_config(spec: TrainingJobSpec):
+    from peft import LoraConfig
+
+    return LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                      target_modules=list(spec.lora.target_modules) or "all-linear", use_rslora=spec.lora.use_rslora,
+                      use_dora=spec.method == "dora", bias="none", task_type="CAUSAL_LM")
+
+
+def report_to(spec: TrainingJobSpec) -> list[str]:
+    """TensorBoard always (its logs ship with the adapter); W&B or MLflow only when the spec asks."""
+    return ["tensorboard"] + ([spec.tracking.backend] if spec.tracking.backend else [])
+
+
+def tracking_env(spec: TrainingJobSpec) -> dict[str, str]:
+    t = spec.tracking
+    if t.backend == "wandb":
+        return {k: v for k, v in {"WANDB_PROJECT": t.project, "WANDB_BASE_URL": t.uri}.items() if v}
+    if t.backend == "mlflow":
+        return {k: v for k, v in {"MLFLOW_EXPERIMENT_NAME": t.project, "MLFLOW_TRACKING_URI": t.uri}.items() if v}
+    return {}
+
+
+def sft_config(spec: TrainingJobSpec, output_dir: Path, device: str, dtype, *, has_eval: bool):
+    from trl import SFTConfig
+
+    return SFTConfig(**sft_kwargs(spec, output_dir, device, dtype, has_eval=has_eval))
+
+
+def sft_kwargs(spec: TrainingJobSpec, output_dir: Path, device: str, dtype, *, has_eval: bool) -> dict[str, Any]:
+    """SFTConfig's arguments (kept apart: TrainingArguments refuses GPU settings on a machine without one, and the
+    GPU path is still checked here)."""
+    import torch
+
+    eval_steps = spec.eval_every_steps or None
+    return dict(
+        output_dir=str(output_dir),
+        seed=spec.seed, data_seed=spec.seed,
+        num_train_epochs=spec.epochs, max_steps=spec.max_steps or -1,
+        per_device_train_batch_size=spec.micro_batch_size, per_device_eval_batch_size=spec.micro_batch_size,
+        gradient_accumulation_steps=spec.gradient_accumulation_steps,
+        learning_rate=spec.optimizer.learning_rate, lr_scheduler_type=spec.optimizer.lr_scheduler,
+        warmup_steps=spec.optimizer.warmup_steps or spec.optimizer.warmup_ratio,
+        weight_decay=spec.optimizer.weight_decay, optim=spec.optimizer.optimizer,
+        max_grad_norm=spec.optimizer.max_grad_norm,
+        max_length=spec.max_seq_len, packing=spec.packing, packing_strategy="bfd",
+        padding_free=spec.packing,
+        gradient_checkpointing=spec.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if spec.gradient_checkpointing else None,
+        bf16=dtype == torch.bfloat16 and spec.method != "qlora", fp16=dtype == torch.float16 and spec.method != "qlora",
+        use_cpu=device == "cpu",
+        logging_steps=1, logging_first_step=True, report_to=report_to(spec),
+        eval_strategy=("steps" if eval_steps else "epoch") if has_eval else "no", eval_steps=eval_steps,
+        save_strategy="steps", save_steps=spec.checkpoint_every_steps, save_total_limit=spec.keep_checkpoints,
+        save_only_model=False,
+        dataloader_num_workers=0, remove_unused_columns=True,
+        dataset_kwargs={}, dataset_num_proc=None,
+        ddp_backend=("nccl" if device == "cuda" else "gloo") if spec.num_workers > 1 else None,
+        ddp_find_unused_parameters=False if spec.num_workers > 1 else None,
+        fsdp="full_shard auto_wrap" if spec.num_workers > 1 and spec.strategy == "fsdp" else "",
+        disable_tqdm=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- data
+def sft_messages(example: dict[str, Any]) -> list[dict[str, Any]]:
+    """A canonical prepared example as the conversation to learn: preference rows train on the chosen answer."""
+    messages = [{k: v for k, v in m.items() if v is not None} for m in example["messages"]]
+    pref = example.get("preference")
+    if pref and pref.get("chosen"):
+        messages += [{k: v for k, v in m.items() if v is not None} for m in pref["chosen"]]
+    return messages
+
+
+def tokenize_example(tokenizer, example: dict[str, Any], assistant_markers: bool) -> dict[str, list[int]]:
+    """input_ids plus the loss mask: every assistant token when the chat template marks them ({% generation %}),
+    else the final assistant turn (prompt -> completion)."""
+    messages, tools = sft_messages(example), example.get("tools") or None
+    if assistant_markers:
+        out = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        return {"input_ids": list(out["input_ids"]), "assistant_masks": list(out["assistant_masks"])}
+    full = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True)["input_ids"]
+    prompt = tokenizer.apply_chat_template(messages[:-1], tools=tools, tokenize=True, add_generation_prompt=True,
+                                           return_dict=True)["input_ids"]
+    n = len(prompt) if list(full[:len(prompt)]) == list(prompt) else 0
+    return {"input_ids": list(full), "assistant_masks": [0] * n + [1] * (len(full) - n)}
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@dataclass
+class Data:
+    train: Any
+    eval: Any | None
+    num_examples: int
+    num_tokens: int
+    assistant_markers: bool
+
+
+def load_data(dataset_dir: Path, tokenizer, spec: TrainingJobSpec) -> Data:
+    from datasets import Dataset
+
+    template = tokenizer.chat_template or ""
+    markers = GENERATION_MARKER in template.replace(" ", "").replace("{%generation%}", GENERATION_MARKER)
+    train_rows = [tokenize_example(tokenizer, ex, markers) for ex in read_jsonl(dataset_dir / "train.jsonl")]
+    eval_ds = None
+    holdout = dataset_dir / "holdout.jsonl"
+    if spec.eval_samples and holdout.exists():
+        rows = read_jsonl(holdout)
+        random.Random(spec.seed).shuffle(rows)
+        rows = [tokenize_example(tokenizer, ex, markers) for ex in rows[: spec.eval_samples]]
+        eval_ds = Dataset.from_list(rows) if rows else None
+    return Data(Dataset.from_list(train_rows), eval_ds, len(train_rows),
+                sum(min(len(r["input_ids"]), spec.max_seq_len) for r in train_rows), markers)
+
+
+# ---------------------------------------------------------------------------------------------- model
+def load_model(model_dir: Path, spec: TrainingJobSpec, device: str):
+    """The base model (4-bit for QLoRA) wrapped with the LoRA/DoRA adapter, ready for the trainer."""
+    import torch
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    dtype = compute_dtype(spec.precision, device)
+    quant = bnb_config(spec, device, dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if quant is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+    model = get_peft_model(model, peft_config(spec))
+    return model, dtype
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def hardware(device: str) -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"device": device, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if device == "cuda":
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return info
+
+
+def loss_curve_png(log_history: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss (held-out)", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def total_steps(num_rows: int, spec: TrainingJobSpec, world_size: int = 1) -> int:
+    if spec.max_steps:
+        return spec.max_steps
+    per_step = spec.micro_batch_size * spec.gradient_accumulation_steps * world_size
+    return max(1, math.ceil(num_rows / (spec.micro_batch_size * world_size) / spec.gradient_accumulation_steps
+                            * spec.epochs)) if per_step else 1
