@@ -118,4 +118,22 @@ def test_data_arc_generate_prepare_report(cli_env):
     assert html.exists() and "data:image/png;base64," in html.read_text()
     lineage = json.loads(tunery(cli_env, "--json", "artifacts", "lineage", prepared).stdout)
     assert [a["name"] for a in lineage] == ["synth-prepared", "synth", "base"]
+    # train: plan, then the smoke recipe with a progress bar, then the adapter's loss curve
+    recipe = REPO / "services" / "training" / "recipes" / "smoke.yaml"
+    plan = json.loads(tunery(cli_env, "--json", "train", "plan", str(recipe), "--base", model["id"],
+                             "--dataset", prepared, "--set", "method=qlora").stdout)
+    assert plan["feasible"] and plan["peak_gib_per_gpu"] > 0 and "q_proj" in plan["target_modules"]
+    shown = tunery(cli_env, "train", "plan", str(recipe), "--base", model["id"], "--dataset", prepared).stdout
+    assert "activations" in shown and "feasible" in shown
+    trained = tunery(cli_env, "train", "submit", str(recipe), "--base", model["id"], "--dataset", prepared,
+                     "--set", "lora.rank=4", "--key", "smoke-train")
+    assert "loss=" in trained.stderr and "100%" in trained.stderr  # the progress bar
+    adapter = trained.stdout.split("adapter: ", 1)[1].split()[0]
+    png = tunery(cli_env, "artifacts", "download", adapter, "loss_curve.png", "--out",
+                 str(Path(cli_env["TUNERY_HOME"]) / "loss.png")).stdout.strip()
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shown = json.loads(tunery(cli_env, "--json", "artifacts", "show", adapter).stdout)
+    assert shown["metadata"]["rank"] == 4 and [p["uri"] for p in shown["parents"]] == [model["ref"]["uri"], prepared]
+    bad = tunery(cli_env, "train", "submit", str(recipe), "--base", model["id"], "--dataset", synthetic, check=False)
+    assert bad.returncode == 2 and "FAILED_PRECONDITION" in bad.stderr and "prepare" in bad.stderr
     tunery(cli_env, "down")
