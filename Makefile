@@ -62,7 +62,7 @@ demo: setup-control protos fixtures ## THE MAIN JOB: embedded stack, import the 
 
 test: setup fixtures ## Run every test (unit + integration) against real Ray, S3 and gRPC on 127.0.0.1
 	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests --ignore=$(TRAIN_TESTS)
-	.venvs/train/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(TRAIN_TESTS)
+	$(LOOPBACK) .venvs/train/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(TRAIN_TESTS)
 
 test-unit: setup-control protos ## Unit tests only (fast, fakes allowed)
 	$(VPY) -m pytest $(PYTEST) tests/unit --ignore=$(TRAIN_TESTS)

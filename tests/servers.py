@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,20 +49,25 @@ class S3Server:
 
 
 class RayHead:
-    """`ray start --head --block` as a child process on 127.0.0.1, with its own HOME and temp dir."""
+    """`ray start --head --block` as a child process on 127.0.0.1, with its own HOME and temp dir.
+    `ray_bin`: which installation's `ray` (default this interpreter's); `gcs_address` is what RAY_ADDRESS takes."""
 
-    def __init__(self, env: dict[str, str], num_cpus: int = 2):
-        self.dir = Path(tempfile.mkdtemp(prefix="tr-", dir="/tmp"))
+    def __init__(self, env: dict[str, str], num_cpus: int = 2, ray_bin: Path | None = None):
+        self.dir = Path(tempfile.mkdtemp(prefix="tr-", dir="/tmp"))  # short: Ray's unix sockets live below it
         self.port = free_port()
         self.address = f"http://127.0.0.1:{self.port}"
+        self.gcs_address = f"127.0.0.1:{free_port()}"
+        # no drain on SIGTERM: Ray would wait up to 30 s for leftover actors; no token auth (loopback only)
         full_env = {**os.environ, **env, "HOME": str(self.dir / "home"), "RAY_TMPDIR": str(self.dir),
-                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_JOB_START_TIMEOUT_SECONDS": "600"}
+                    "RAY_USAGE_STATS_ENABLED": "0", "RAY_JOB_START_TIMEOUT_SECONDS": "600",
+                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0", "RAY_AUTH_MODE": "disabled"}
         (self.dir / "home").mkdir()
-        ray = Path(sys.executable).with_name("ray")
+        ray = ray_bin or Path(sys.executable).with_name("ray")
         t0 = time.monotonic()
         self.log = open(self.dir / "ray.log", "wb")
         self.proc = subprocess.Popen(
-            [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=0",
+            [str(ray), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+             f"--port={self.gcs_address.rsplit(':', 1)[1]}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={self.port}", f"--num-cpus={num_cpus}",
              f"--temp-dir={self.dir}", "--disable-usage-stats", f"--ray-client-server-port={free_port()}",
              f"--dashboard-agent-listen-port={free_port()}"],
@@ -78,11 +84,16 @@ class RayHead:
         self.start_s = time.monotonic() - t0
 
     def stop(self) -> None:
+        self.proc.terminate()  # `ray start` alone: it stops what it started, in order
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
+        except subprocess.TimeoutExpired:
+            pass
+        try:  # stragglers of the head's own process group
             os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class ServerThread:

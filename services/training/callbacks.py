@@ -29,6 +29,13 @@ def agree(reason: str | None) -> str | None:
     return (reason or "cancelled on another worker") if int(flag.item()) else None
 
 
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 class JobCallback(TrainerCallback):
     """Rank 0 only: turns the trainer's logs into metrics events (loss, lr, grad norm, tokens/s, step/total, ETA),
     uploads each checkpoint the trainer saves and prunes old ones, and stops at a step boundary with a
@@ -82,6 +89,7 @@ class JobCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save(self, args, state, control, **kwargs):
+        barrier()  # every rank has written its rng_state_<rank>.pth before rank 0 uploads the folder
         if not self.is_main:
             return
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"

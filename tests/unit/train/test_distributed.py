@@ -9,15 +9,10 @@ Under any other interpreter (the control venv has no torch) the whole module is 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -37,14 +32,14 @@ except ImportError as exc:  # pragma: no cover - depends on the interpreter
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from services.core.artifacts import ArtifactStore  # noqa: E402
-from services.core.jobctx import JobContext  # noqa: E402
-from services.core.jobs import JobEnvelope, JobFiles  # noqa: E402
-from services.core.settings import StoreSettings  # noqa: E402
-from services.core.store import open_store  # noqa: E402
-from services.training import checkpoints  # noqa: E402
-from services.training.distributed import fit_distributed  # noqa: E402
-from services.training.spec import LoraSpec, OptimizerSpec, TrainingJobSpec  # noqa: E402
+from services.core.artifacts import ArtifactStore
+from services.core.jobctx import JobContext
+from services.core.jobs import JobEnvelope, JobFiles
+from services.core.settings import StoreSettings
+from services.core.store import open_store
+from services.training import checkpoints
+from services.training.distributed import fit_distributed
+from services.training.spec import LoraSpec, OptimizerSpec, TrainingJobSpec
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY = ROOT / "build" / "fixtures" / "tiny-llama"
@@ -70,46 +65,23 @@ def ray_head():
     """`ray start --head --block` from the control venv when there is one (as in a deployment: the raylet has no
     torch, so the workers only train if fit_distributed's runtime_env points them at this interpreter); the job
     side (this process, the driver) connects through RAY_ADDRESS as a submitted job does."""
-    from tests.servers import free_port, in_loopback_namespace
+    from tests.servers import RayHead, in_loopback_namespace
 
     if not in_loopback_namespace() and os.environ.get("TUNERY_NETNS") != "0":
         pytest.fail("this test starts a Ray head, which binds every interface: run it through "
                     "infra/scripts/loopback.sh (a loopback-only network namespace), or set TUNERY_NETNS=0")
     control = ROOT / ".venv" / "bin" / "ray"
-    ray_bin = control if control.exists() else Path(sys.executable).with_name("ray")
-    tmp = Path(tempfile.mkdtemp(prefix="td-", dir="/tmp"))  # short: Ray's unix sockets live below it
-    address = f"127.0.0.1:{free_port()}"
-    # RAY_ADDRESS: Ray Train's internal actors then never guess among the clusters on this machine; no token auth
-    # (the namespace has only loopback), so nothing is written to ~/.ray
-    ray_env = {"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    env = {**os.environ, **ray_env, "PYTHONPATH": ""}
-    with open(tmp / "ray.log", "wb") as log:
-        proc = subprocess.Popen(
-            [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-             f"--port={address.rsplit(':', 1)[1]}", "--num-cpus=2", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-             f"--ray-client-server-port={free_port()}", f"--temp-dir={tmp}", "--disable-usage-stats"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # no PYTHONPATH: the workers find `services` only through fit_distributed's runtime_env
+    head = RayHead({"PYTHONPATH": ""}, num_cpus=2, ray_bin=control if control.exists() else None)
     patch = pytest.MonkeyPatch()
-    for k, v in ray_env.items():
+    # RAY_ADDRESS: Ray Train's internal actors then never guess among the clusters on this machine
+    for k, v in {"RAY_ADDRESS": head.gcs_address, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}.items():
         patch.setenv(k, v)
     try:
-        deadline = time.monotonic() + 120
-        while b"Ray runtime started" not in (tmp / "ray.log").read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Ray head did not start: {(tmp / 'ray.log').read_text()[-2000:]}")
-            time.sleep(0.25)
-        yield ray_bin
+        yield head
     finally:
         patch.undo()
-        proc.terminate()  # `ray start` alone: it drains the node and stops what it started (the whole group at
-        try:              # once would take the GCS down first, and the drain would wait 30 s for it)
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):  # stragglers of the head's own process group
-            os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(tmp, ignore_errors=True)
+        head.stop()
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +135,9 @@ def events(world, ctx: JobContext):
     return JobFiles(world["artifacts"], ctx.job_id).events()
 
 
-def test_two_workers_then_resume_from_a_checkpoint(world):
+def test_two_workers_then_resume_from_a_checkpoint(world, ray_head):
     spec, artifacts = world["spec"], world["artifacts"]
+    print(f"Ray head started in {ray_head.start_s:.1f}s")
 
     # first run: 6 steps on 2 gloo workers, a checkpoint every 3
     ctx = job(world)
@@ -188,6 +161,8 @@ def test_two_workers_then_resume_from_a_checkpoint(world):
     saved = checkpoints.checkpoints(artifacts, spec.checkpoint_name(ctx.job_id))
     assert [int(m.metadata["step"]) for m in saved] == [EVERY, STEPS]
     assert all(m.metadata["job_id"] == ctx.job_id for m in saved)
+    assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt", "trainer_state.json"} <= {f.path for f in
+                                                                                          saved[0].files}
     assert not (out / ".tunery-stop").exists()
 
     # second run (another job) resumes from the step-3 checkpoint, as job.train hands it over
