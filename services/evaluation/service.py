@@ -1,10 +1,205 @@
-"""Evaluation service logic and settings. No grpc."""
+"""Evaluation service logic and settings: validate eval requests and queue them; read and compare reports.
+No grpc.
+
+A bad suite or target is refused before anything is queued: a malformed promptfoo YAML (with its line), an
+unknown assertion type, a suite with zero tests, a target artifact of the wrong kind, an adapter trained on
+another base, an endpoint that does not answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
 
 from pydantic import Field
 
+from services.core.artifacts import ArtifactRef, ArtifactStore, Manifest
+from services.core.errors import FailedPrecondition, InvalidArgument
+from services.core.job_api import JobService
+from services.core.jobs import (
+    JobRecord,
+    JobRequest,
+    JobRunner,
+    Resources,
+    check_resources,
+)
+from services.core.keys import validate_id, validate_name
 from services.core.settings import ServiceSettings
+from services.evaluation import scoring
+from services.evaluation.spec import EvalJobSpec, SuiteSpec, TargetSpec
 
 
 class EvaluationSettings(ServiceSettings):
     service: str = "evaluation"
     port: int = Field(50056, validation_alias="TUNERY_EVALUATION_PORT")
+    eval_cpus: float = Field(1.0, description="CPUs an eval job asks Ray for (add a GPU through options)")
+    endpoint_check_timeout_s: float = Field(5.0, gt=0)
+
+
+class EvaluationService:
+    SERVICE = "evaluation"
+
+    def __init__(self, artifacts: ArtifactStore, runner: JobRunner, settings: EvaluationSettings):
+        self.artifacts, self.runner, self.settings = artifacts, runner, settings
+        self.jobs = JobService(runner, self.SERVICE)
+
+    # ------------------------------------------------------------------ validation
+    def _artifact(self, ref: ArtifactRef | None, field: str, kind: str) -> Manifest:
+        if ref is None or not ref.uri:
+            raise InvalidArgument.field(field, f"is required (a {kind} artifact id or tunery:// uri)")
+        m = self.artifacts.resolve(ref)
+        if m.kind != kind:
+            raise FailedPrecondition(f"{field}: {m.id} is a {m.kind} artifact, not a {kind}")
+        return m
+
+    def _check_endpoint(self, base_url: str, api_key_env: str) -> None:
+        import os
+
+        import requests
+
+        headers = {"Authorization": f"Bearer {os.environ[api_key_env]}"} if os.environ.get(api_key_env) else {}
+        try:
+            r = requests.get(base_url.rstrip("/") + "/models", headers=headers,
+                             timeout=self.settings.endpoint_check_timeout_s)
+        except requests.RequestException as e:
+            raise FailedPrecondition(f"spec.target.endpoint: {base_url} does not answer ({type(e).__name__}); "
+                                     "check the URL and that the server is up") from None
+        if r.status_code >= 400:
+            raise FailedPrecondition(f"spec.target.endpoint: {base_url}/models answered HTTP {r.status_code}")
+
+    def _target(self, t: TargetSpec) -> tuple[TargetSpec, Manifest | None]:
+        if t.kind == "endpoint":
+            if t.endpoint is None or not t.endpoint.base_url.startswith(("http://", "https://")) or not t.endpoint.model:
+                raise InvalidArgument.field("spec.target.endpoint", "needs an http(s) base_url and a model name")
+            self._check_endpoint(t.endpoint.base_url, t.endpoint.api_key_env)
+            return t, None
+        field = "spec.target.adapter.base_model" if t.kind == "adapter" else (
+            "spec.target.prompted.model" if t.kind == "prompted" else "spec.target.model")
+        model = self._artifact(t.model, field, "model")
+        if not model.metadata.get("is_causal_lm", False):
+            raise FailedPrecondition(f"{field}: {model.id} is not a causal LM")
+        t = t.model_copy(update={"model": model.ref()})
+        if t.kind == "adapter":
+            adapter = self._artifact(t.adapter, "spec.target.adapter.adapter", "adapter")
+            trained_on = adapter.metadata.get("base_model", "")
+            if trained_on and trained_on != model.uri:
+                raise FailedPrecondition(f"spec.target.adapter: {adapter.id} was trained on {trained_on}, not "
+                                         f"{model.uri}; evaluate it on its own base")
+            t = t.model_copy(update={"adapter": adapter.ref()})
+        if t.kind == "prompted":
+            if not t.system_prompt and not t.few_shot_k:
+                raise InvalidArgument.field("spec.target.prompted", "give a system prompt, few-shot examples or both")
+            if t.few_shot_k:
+                data = self._artifact(t.few_shot_dataset, "spec.target.prompted.few_shot_dataset", "dataset")
+                if "train.jsonl" not in {f.path for f in data.files}:
+                    raise FailedPrecondition(f"spec.target.prompted.few_shot_dataset: {data.id} is not a prepared "
+                                             "dataset (no train split to take examples from)")
+                t = t.model_copy(update={"few_shot_dataset": data.ref()})
+        return t, model
+
+    def _suite(self, s: SuiteSpec, promptfoo_yaml: str, model: Manifest | None) -> SuiteSpec:
+        from services.evaluation.promptfoo import load_user_suite
+
+        blocks = 0
+        if promptfoo_yaml.strip():
+            load_user_suite(promptfoo_yaml, "spec.suite.promptfoo_yaml")  # line-numbered errors, zero tests, types
+            w = self.artifacts.writer("suite", "promptfoo-suite")
+            w.add_bytes(promptfoo_yaml.encode(), "promptfooconfig.yaml")
+            s = s.model_copy(update={"promptfoo_suite": w.commit({"format": "promptfoo"})[0].ref()})
+        if s.promptfoo_suite is not None:
+            suite = self._artifact(s.promptfoo_suite, "spec.suite.promptfoo_suite", "suite")
+            load_user_suite(self.artifacts.read_file(suite.id, "promptfooconfig.yaml").decode(),
+                            f"{suite.id}/promptfooconfig.yaml")
+            s = s.model_copy(update={"promptfoo_suite": suite.ref()})
+            blocks += 1
+        if s.heldout_dataset is not None:
+            data = self._artifact(s.heldout_dataset, "spec.suite.heldout_dataset", "dataset")
+            if not data.metadata.get("num_holdout"):
+                raise FailedPrecondition(f"spec.suite.heldout_dataset: {data.id} has no held-out split; prepare it "
+                                         "with a holdout fraction > 0")
+            s = s.model_copy(update={"heldout_dataset": data.ref()})
+            blocks += 1
+        if s.fact_probes is not None:
+            m = self.artifacts.resolve(s.fact_probes)
+            if "facts.jsonl" not in {f.path for f in m.files}:
+                raise FailedPrecondition(f"spec.suite.fact_probe_source: {m.id} holds no facts.jsonl")
+            s = s.model_copy(update={"fact_probes": m.ref()})
+            blocks += 1
+        if s.tool_calling:
+            if model is not None and not self._template_has_tools(model):
+                raise FailedPrecondition(f"spec.suite.tool_calling: {model.id}'s chat template does not render "
+                                         "tools, so tool calls cannot be asked for")
+            blocks += 1
+        if not blocks:
+            raise InvalidArgument.field("spec.suite", "has no tests: give a promptfoo suite, a held-out dataset, "
+                                        "fact probes or tool_calling")
+        return s
+
+    def _template_has_tools(self, model: Manifest) -> bool:
+        for path in ("chat_template.jinja", "tokenizer_config.json"):
+            if path in {f.path for f in model.files}:
+                if "tools" in self.artifacts.read_file(model.id, path).decode(errors="replace"):
+                    return True
+        return False
+
+    def _validate(self, spec: EvalJobSpec, promptfoo_yaml: str) -> EvalJobSpec:
+        target, model = self._target(spec.target)
+        suite = self._suite(spec.suite, promptfoo_yaml, model)
+        default = (f"{model.name}-" if model is not None else "endpoint-") + target.kind
+        name = validate_name(spec.name or default, "spec.name")
+        return spec.model_copy(update={"target": target, "suite": suite, "name": name})
+
+    async def submit(self, spec: EvalJobSpec, promptfoo_yaml: str = "", key: str = "",
+                     resources: Resources | None = None, labels: dict[str, str] | None = None) -> JobRecord:
+        if key:
+            validate_id(key, "options.idempotency_key")
+        spec = await asyncio.to_thread(self._validate, spec, promptfoo_yaml)
+        resources = resources or Resources(cpus=self.settings.eval_cpus)
+        check_resources(resources)
+        return await asyncio.to_thread(self.runner.submit, JobRequest(
+            kind="evaluation.run", service=self.SERVICE, role="serve", spec=spec.model_dump(mode="json"),
+            idempotency_key=key, resources=resources, labels=labels or {}))
+
+    # ------------------------------------------------------------------ reports
+    def _report(self, ref: ArtifactRef, field: str) -> tuple[Manifest, dict[str, Any]]:
+        if not ref.uri:
+            raise InvalidArgument.field(field, "is required (an eval report artifact)")
+        m = self.artifacts.resolve(ref)
+        if m.kind != "report" or m.metadata.get("report") != "eval":
+            raise FailedPrecondition(f"{field}: {m.id} is not an eval report")
+        return m, json.loads(self.artifacts.read_file(m.id, "report.json"))
+
+    async def report(self, ref: ArtifactRef) -> tuple[Manifest, dict[str, Any]]:
+        return await asyncio.to_thread(self._report, ref, "report")
+
+    def _compare(self, baseline: ArtifactRef, candidate: ArtifactRef, prompting: ArtifactRef | None,
+                 gates: scoring.Gates, allow_uncontrolled: bool) -> tuple[scoring.Comparison, Manifest]:
+        from services.evaluation.html import comparison_html
+
+        bm, b = self._report(baseline, "baseline")
+        cm, c = self._report(candidate, "candidate")
+        pm, p = self._report(prompting, "prompting_baseline") if prompting and prompting.uri else (None, None)
+        try:
+            result = scoring.compare(b, c, gates=gates, prompting=p, allow_uncontrolled=allow_uncontrolled)
+        except scoring.UncontrolledComparison as e:
+            raise FailedPrecondition("the reports were not produced under the same controls: "
+                                     + "; ".join(e.mismatches)
+                                     + " (compare runs of one engine, precision, sampling and suite, or set "
+                                     "allow_uncontrolled to compare anyway, stamped uncontrolled)") from None
+        body = {"baseline": bm.uri, "candidate": cm.uri, "prompting_baseline": pm.uri if pm else "",
+                "gates": gates.__dict__, **result.as_dict()}
+        w = self.artifacts.writer("report", f"{cm.name}-vs-{bm.name}"[:90].rstrip("-."),
+                                  parents=[bm.ref(), cm.ref(), *([pm.ref()] if pm else [])])
+        w.add_bytes(json.dumps(body, indent=1, default=str).encode(), "comparison.json")
+        w.add_bytes(comparison_html(body, b, c, p).encode(), "comparison.html")
+        manifest, _ = w.commit({"report": "eval-comparison", "verdict": result.verdict,
+                                "uncontrolled": result.uncontrolled},
+                               {f"delta_{k}": v for k, v in result.block_deltas.items()})
+        return result, manifest
+
+    async def compare(self, baseline: ArtifactRef, candidate: ArtifactRef, prompting: ArtifactRef | None = None,
+                      gates: scoring.Gates | None = None, allow_uncontrolled: bool = False):
+        return await asyncio.to_thread(self._compare, baseline, candidate, prompting, gates or scoring.Gates(),
+                                       allow_uncontrolled)
+

