@@ -35,7 +35,13 @@ def fit(ctx: JobContext, spec: TrainingJobSpec, model_dir: Path, data_dir: Path,
     from trl import SFTTrainer
 
     from services.training.callbacks import JobCallback
-    from services.training.sft import load_data, load_model, select_device, sft_config, tracking_env
+    from services.training.sft import (
+        load_data,
+        load_model,
+        select_device,
+        sft_config,
+        tracking_env,
+    )
 
     device = select_device(spec.device)
     torch.manual_seed(spec.seed)

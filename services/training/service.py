@@ -16,9 +16,20 @@ from typing import Any
 from pydantic import Field, ValidationError
 
 from services.core.artifacts import ArtifactRef, ArtifactStore, Manifest
-from services.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, check
+from services.core.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    check,
+)
 from services.core.job_api import JobService
-from services.core.jobs import JobRecord, JobRequest, JobRunner, Resources, check_resources
+from services.core.jobs import (
+    JobRecord,
+    JobRequest,
+    JobRunner,
+    Resources,
+    check_resources,
+)
 from services.core.keys import validate_id, validate_name
 from services.core.settings import ServiceSettings
 from services.training import planner, targets

@@ -259,8 +259,8 @@ def test_bad_requests_are_refused_and_nothing_is_queued(client, base_and_data):
         got, details = _code(lambda: client.submit_training(spec(model, data, **over)))
         assert got == code and words in details, (over, got, details)
     bad = client.training.SubmitTraining  # an unknown method (a newer client's enum value)
-    from services.sdk.client import training_spec
     from services.gen.tunery.v1 import training_pb2
+    from services.sdk.client import training_spec
 
     req = training_pb2.SubmitTrainingRequest(spec=training_spec(spec(model, data)))
     req.spec.method = 42
