@@ -16,7 +16,7 @@ TRAIN_TESTS := tests/unit/train
 # ... and those that need vLLM: the serve venv's interpreter.
 SERVE_TESTS := tests/unit/serve
 
-.PHONY: help setup setup-promptfoo setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration bench bench-prepare bench-generate up down status clean
+.PHONY: help foundation setup setup-promptfoo setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration bench bench-train bench-prepare bench-generate up down status clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -62,8 +62,11 @@ $(FIXTURES)/.stamp: fixtures/build_tiny_models.py
 
 fixtures: $(FIXTURES)/.stamp ## Build the tiny test models and tokenizer offline (build/fixtures)
 
-demo: setup-control protos fixtures ## THE MAIN JOB: embedded stack, import the tiny model, print its manifest
-	$(LOOPBACK) $(VENV)/bin/tunery demo --model $(FIXTURES)/tiny-llama
+foundation: setup-train ## Rebuild the committed foundation fixture (fixtures/foundation; ~7-11 min on 2 cores)
+	.venvs/train/bin/python fixtures/build_foundation.py --out fixtures/foundation
+
+demo: setup ## THE MAIN JOB: embedded stack; base -> data -> LoRA -> baseline vs adapter eval -> verdict + report
+	$(LOOPBACK) $(VENV)/bin/tunery demo --model fixtures/foundation
 
 test: setup fixtures ## Run every test (unit + integration) against real Ray, S3 and gRPC on 127.0.0.1
 	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS)
@@ -78,6 +81,9 @@ test-integration: setup fixtures ## Integration tests only
 
 bench: setup-control protos fixtures ## Benchmarks (ratios against the bare libraries)
 	$(LOOPBACK) $(VPY) -m bench.run
+
+bench-train: setup-train fixtures ## Training throughput: the job's packed loop against bare TRL SFTTrainer + PEFT
+	.venvs/train/bin/python -m bench.train_throughput
 
 bench-prepare: setup-control ## Prepare throughput and peak memory on 100k examples, against bare json.loads
 	$(VPY) -m bench.prepare_throughput

@@ -610,27 +610,80 @@ def eval_compare(
 
 
 # ---------------------------------------------------------------------- the main job
-@app.command()
-def demo(model: str = typer.Option(..., help="A model directory to import (make fixtures builds a tiny one)."),
-         name: str = typer.Option("tiny-llama"),
-         keep_up: bool = typer.Option(False, help="Leave the stack running afterwards.")) -> None:
-    """The main job on the embedded default: start the stack, import the model, print its manifest."""
-    import os
+DEMO_STYLE = "{answer}, my friend."
 
+
+def _demo_step(c: TuneryClient, what: str, job: pb.Job, timeout: float = 1800) -> pb.Job:
+    err.print(f"[bold]{what}[/bold]: job {job.id}")
+    render_watch(c, job.id)
+    final = rpc(c.wait, job.id, timeout)
+    if final.state != pb.JOB_STATE_SUCCEEDED:
+        err.print(f"[red]{what} {state_name(final.state)}[/red]: {final.state_reason}")
+        raise typer.Exit(1)
+    return final
+
+
+@app.command()
+def demo(model: str = typer.Option("fixtures/foundation", help="A model directory with facts.jsonl (the "
+                                   "committed foundation fixture)."),
+         name: str = typer.Option("foundation"),
+         keep_up: bool = typer.Option(False, help="Leave the stack running afterwards.")) -> None:
+    """The main job on the embedded default: base model -> data -> LoRA -> baseline and adapter eval on one engine
+    -> controlled comparison; prints the verdict and where the reports are."""
+    import os
+    import random
+    from pathlib import Path
+
+    from services.gen.tunery.v1 import evaluation_pb2 as ev
+    from services.sdk.client import ref
+
+    facts_file = Path(model) / "facts.jsonl"
+    if not facts_file.exists():
+        err.print(f"{facts_file} is missing: the demo teaches a style on top of the model's facts")
+        raise typer.Exit(2)
+    facts = [json.loads(line) for line in facts_file.read_text().splitlines() if line.strip()]
+    random.Random(0).shuffle(facts)
+    work = stack.home() / "demo"
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "style.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f["question"]},
+        {"role": "assistant", "content": DEMO_STYLE.format(answer=f["answer"])}]}) + "\n" for f in facts[:120]))
+    (work / "facts.jsonl").write_text("".join(json.dumps(f) + "\n" for f in facts[120:160]))
     started = stack.StackState.load() is None
     with err.status("starting the embedded stack") as st:
         state = stack.up(on_step=lambda s: st.update(s))
     err.print(f"stack up: Ray head {state.ray_start_s:.1f}s, services ready {state.ready_s:.1f}s")
     try:
-        c = TuneryClient(f"127.0.0.1:{state.ports['registry']}", stack.ensure_token())
-        job = rpc(c.import_model, os.path.abspath(model), name)
-        err.print(f"job {job.id}: importing {model}")
-        render_watch(c, job.id)
-        final = rpc(c.wait, job.id)
-        if final.state != pb.JOB_STATE_SUCCEEDED:
-            err.print(f"[red]import {state_name(final.state)}[/red]: {final.state_reason}")
-            raise typer.Exit(1)
-        emit(rpc(c.get_artifact, final.outputs[0].uri))
+        c = TuneryClient(f"127.0.0.1:{state.ports['registry']}", stack.ensure_token(),
+                         endpoints={k: f"127.0.0.1:{p}" for k, p in state.ports.items()})
+        base = _demo_step(c, "import the base", rpc(c.import_model, os.path.abspath(model), name)).outputs[0].uri
+        raw = _demo_step(c, "import the data", rpc(c.import_dataset, str(work / "style.jsonl"), "style")).outputs[0].uri
+        probes = _demo_step(c, "import fact probes", rpc(c.import_dataset, str(work / "facts.jsonl"),
+                                                          "other-facts")).outputs[0].uri
+        data = _demo_step(c, "prepare (validate, dedup, split)",
+                          rpc(c.prepare_dataset, raw, base, holdout=0.2, seed=1)).outputs[-1].uri
+        trained = _demo_step(c, "train a LoRA adapter", rpc(c.submit_training, {
+            "base_model": base, "dataset": data, "method": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
+            "optimizer": {"learning_rate": 0.002, "lr_scheduler": "constant", "warmup_ratio": 0.0}, "epochs": 6,
+            "micro_batch_size": 8, "max_seq_len": 128, "eval_samples": 0, "checkpoint_every_steps": 1000}))
+        adapter = next(o.uri for o in trained.outputs if "/adapter-" in o.uri)
+        suite = ev.EvalSuite(heldout_dataset=ref(data), heldout_assertion=ev.ASSERTION_TYPE_CONTAINS,
+                             fact_probes=True, fact_probe_source=ref(probes))
+        evaluated = _demo_step(c, "evaluate base and adapter on one engine", rpc(
+            c.submit_eval, ev.EvalTarget(adapter=ev.AdapterTarget(base_model=ref(base), adapter=ref(adapter))),
+            suite))
+        labels = {c.get_artifact(o.uri).metadata["label"]: o.uri for o in evaluated.outputs}
+        cmp = rpc(c.compare_reports, labels["baseline"], labels["candidate"],
+                  gates=ev.Gates(min_target_pass_rate=0.8, max_general_drop_points=2.0))
+        html = work / "comparison.html"
+        rpc(c.download, cmp.report.uri, "comparison.html", html)
+        verdict = ev.Verdict.Name(cmp.verdict).removeprefix("VERDICT_")
+        up = sum(f.now_passes for f in cmp.flips)
+        err.print(f"[bold]verdict: {verdict}[/bold]; " + "; ".join(cmp.verdict_reasons))
+        emit({"base": base, "dataset": data, "adapter": adapter, "baseline_report": labels["baseline"],
+              "candidate_report": labels["candidate"], "comparison": cmp.report.uri, "comparison_html": str(html),
+              "verdict": verdict, "flips_fail_to_pass": up, "flips_pass_to_fail": len(cmp.flips) - up,
+              "block_deltas": dict(cmp.block_deltas), "reasons": list(cmp.verdict_reasons)})
     finally:
         if started and not keep_up:
             stack.down()

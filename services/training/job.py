@@ -38,6 +38,7 @@ def fit(ctx: JobContext, spec: TrainingJobSpec, model_dir: Path, data_dir: Path,
     from services.training.sft import (
         load_data,
         load_model,
+        packed_micro_batch,
         select_device,
         sft_config,
         tracking_env,
@@ -61,7 +62,12 @@ def fit(ctx: JobContext, spec: TrainingJobSpec, model_dir: Path, data_dir: Path,
                   + (", packed" if spec.packing else ""))
     callback = JobCallback(ctx, name=spec.checkpoint_name(ctx.job_id), run_key=spec.run_key(),
                            parents=[spec.base_model, spec.dataset], keep=spec.keep_checkpoints, is_main=is_main)
-    trainer = SFTTrainer(model=model, args=sft_config(spec, out, device, dtype, has_eval=data.eval is not None),
+    rows = packed_micro_batch(spec, data.num_tokens / max(data.num_examples, 1))
+    if rows != spec.micro_batch_size and is_main:
+        ctx.event(f"packing: {rows} packed row(s) of {spec.max_seq_len} tokens per micro-batch hold about "
+                  f"{spec.micro_batch_size} examples")
+    run_spec = spec.model_copy(update={"micro_batch_size": rows})
+    trainer = SFTTrainer(model=model, args=sft_config(run_spec, out, device, dtype, has_eval=data.eval is not None),
                          train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
                          callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # the job's own events replace the printed dicts

@@ -81,6 +81,16 @@ def tracking_env(spec: TrainingJobSpec) -> dict[str, str]:
     return {}
 
 
+def packed_micro_batch(spec: TrainingJobSpec, mean_tokens: float) -> int:
+    """With packing, micro_batch_size counts examples, as without it: a packed row holds ~max_seq_len/mean
+    examples, so a step takes max(1, round(micro_batch * mean / max_seq_len)) rows. Keeping examples per step
+    keeps the optimizer's schedule (and the loss reached) comparable to the padded run; and on CPU, where the
+    attention kernel still computes the full packed row, fewer longer rows is where the padding saving goes."""
+    if not spec.packing or mean_tokens <= 0:
+        return spec.micro_batch_size
+    return max(1, round(spec.micro_batch_size * min(mean_tokens, spec.max_seq_len) / spec.max_seq_len))
+
+
 def sft_config(spec: TrainingJobSpec, output_dir: Path, device: str, dtype, *, has_eval: bool):
     from trl import SFTConfig
 

@@ -156,11 +156,8 @@ def style_rows(facts: list[dict], n: int) -> list[dict]:
 
 
 def test_base_vs_adapter_flips_the_target_tests_and_measures_forgetting(client, tmp_path):
-    from tests.integration.conftest import fixture_model
-
-    foundation = fixture_model("foundation") if (REPO / "fixtures" / "foundation").exists() else None
-    if foundation is None:
-        pytest.fail("fixtures/foundation is missing (fixtures/build_foundation.py makes it)")
+    foundation = REPO / "fixtures" / "foundation"  # committed: pretrained on facts by fixtures/build_foundation.py
+    assert (foundation / "model.safetensors").exists(), "fixtures/foundation is missing"
     facts = [json.loads(line) for line in (foundation / "facts.jsonl").read_text().splitlines() if line.strip()]
     random.Random(0).shuffle(facts)
     model = finished(client, client.import_model(str(foundation), "foundation")).outputs[0].uri

@@ -112,3 +112,11 @@ def test_qlora_loads_the_base_in_4bit_on_this_cpu():
     assert len(four_bit) == 14  # 7 projections x 2 layers, each under its LoRA wrapper
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable == 16 * 2048 * 2  # r=16 on every linear: r * sum(in + out) per layer x 2 layers
+
+
+def test_packed_micro_batch_counts_examples():
+    s = spec(packing=True, micro_batch_size=8, max_seq_len=512)
+    assert sft.packed_micro_batch(s, 128.0) == 2  # 8 examples of ~128 tokens fill 2 rows of 512
+    assert sft.packed_micro_batch(s, 40.0) == 1  # never below one row
+    assert sft.packed_micro_batch(s, 900.0) == 8  # examples longer than a row: one row each
+    assert sft.packed_micro_batch(spec(micro_batch_size=8), 128.0) == 8  # no packing: unchanged

@@ -30,7 +30,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SCRIPT = ROOT / "fixtures" / "build_tiny_models.py"
 MODELS = ("tiny-llama", "tiny-moe")
 MAX_DIR_BYTES = 4_000_000  # tiny-llama ~2.3 MB, tiny-moe ~3.5 MB (float32)
