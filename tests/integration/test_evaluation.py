@@ -214,3 +214,25 @@ def test_uncontrolled_comparison_is_refused_with_the_differences(client, tiny_mo
     got, details = _code(lambda: client.compare_reports(a.outputs[0].uri, b.outputs[0].uri))
     assert got == grpc.StatusCode.FAILED_PRECONDITION
     assert "sampling: max_tokens 48 vs 8, temperature 0.0 vs 0.8" in details
+
+
+def test_an_external_openai_endpoint_is_evaluated_as_is(client, tiny_model, tmp_path):
+    """A target given by URL: here a real vLLM server the test starts itself, as a user's deployment would be."""
+    from services.evaluation.engine import ServerSpec, VLLMServer
+
+    serve_python = REPO / ".venvs" / "serve" / "bin" / "python"
+    spec = ServerSpec(model_dir=str(tiny_model), served_name="deployed-tiny", dtype="float32",
+                      tool_call_parser="hermes")
+    with VLLMServer(spec, python=str(serve_python), log_path=tmp_path / "vllm.log") as server:
+        facts = tmp_path / "facts.jsonl"
+        facts.write_text("".join(json.dumps({"id": str(i), "question": f"Q{i}?", "answer": "A"}) + "\n"
+                                 for i in range(3)))
+        probes = finished(client, client.import_dataset(str(facts), "p")).outputs[0].uri
+        target = ev.EvalTarget(endpoint=pb.OpenAIEndpoint(base_url=server.base_url, model="deployed-tiny"))
+        job = finished(client, client.submit_eval(target, ev.EvalSuite(fact_probes=True, fact_probe_source=ref(probes),
+                                                                       tool_calling=True, max_tests_per_block=3)))
+    [(label, r)] = reports(client, job).items()
+    assert label == "run" and r.controls.engine == "endpoint" and r.controls.engine_version == server.base_url
+    blocks = {ev.EvalBlock.Name(b.block): b.total for b in r.blocks}
+    assert blocks == {"EVAL_BLOCK_GENERAL": 3, "EVAL_BLOCK_TOOL_CALLING": 3}
+    assert all(t.output or not t.passed for t in r.tests)  # answers came back from the endpoint
