@@ -265,7 +265,7 @@ def test_lineage_and_guarded_delete(registry, settings, tiny_model):
 
 def test_planned_services_answer_unimplemented_and_share_the_job_surface(servers, settings, registry, tiny_model):
     from services.embedded.__main__ import SERVICES
-    from services.gen.tunery.v1 import training_pb2, training_pb2_grpc
+    from services.gen.tunery.v1 import merging_pb2, merging_pb2_grpc
 
     ports = {}
     for settings_cls, build in SERVICES[1:]:
@@ -273,13 +273,12 @@ def test_planned_services_answer_unimplemented_and_share_the_job_surface(servers
         ports[s.service] = servers.start(s, build)
     assert len(ports) == 7
     job = succeeded(registry, registry.import_model(str(tiny_model), "t"))
-    with grpc.insecure_channel(f"127.0.0.1:{ports['training']}") as ch:
-        stub = training_pb2_grpc.TrainingServiceStub(ch)
+    with grpc.insecure_channel(f"127.0.0.1:{ports['merging']}") as ch:
+        stub = merging_pb2_grpc.MergingServiceStub(ch)
         md = [("authorization", f"Bearer {TOKEN}")]
-        err = code_of(lambda: stub.SubmitTraining(training_pb2.SubmitTrainingRequest(), metadata=md))
+        err = code_of(lambda: stub.SubmitMerge(merging_pb2.SubmitMergeRequest(), metadata=md))
         assert err.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert err.details() == ("TrainingService.SubmitTraining is not implemented yet: "
-                                 "it arrives with the training service issue (#4).")
+        assert err.details().startswith("MergingService.SubmitMerge is not implemented yet: it arrives with")
         # the shared job surface works on every service: it sees the registry's job...
         assert stub.GetJob(pb.GetJobRequest(job_id=job.id), metadata=md).state == pb.JOB_STATE_SUCCEEDED
         # ...but lists only its own jobs unless asked for all
