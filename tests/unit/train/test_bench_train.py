@@ -75,7 +75,8 @@ def test_both_sides_train_and_the_result_has_its_structure(tmp_path):
         # both trained: the held-out loss fell below the untrained base's, and the train loss went down
         assert r["eval_loss"] < base - 0.05, (side, r["eval_loss"], base)
         assert sum(losses[-2:]) / 2 < losses[0], (side, losses)
-    assert runs["job"]["steps"] < runs["bare"]["steps"]  # a packed micro-batch holds more examples
+    # the job sizes packed micro-batches in examples, so both sides take about the same number of steps per epoch
+    assert 0.5 * runs["bare"]["steps"] <= runs["job"]["steps"] <= 2 * runs["bare"]["steps"], runs
 
     s = result["summary"]
     for key in ("ratio", "cpu_ratio", "eval_loss_diff_pct", "train_loss_diff_pct"):
