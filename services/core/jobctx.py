@@ -17,8 +17,10 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NoReturn
+
+from pydantic import BaseModel
 
 from services.core import logs
 from services.core.artifacts import ArtifactRef, ArtifactStore, ArtifactWriter, Manifest
@@ -154,3 +156,14 @@ class JobContext:
                    f"{writer.bytes_uploaded} bytes uploaded", type="artifact", artifact=manifest.ref(),
                    metrics={"bytes_uploaded": float(writer.bytes_uploaded), "bytes_total": float(writer.bytes_total)})
         return manifest
+
+
+def run_job(service: str, handlers: dict[str, tuple[Callable[[JobContext, Any], None], type[BaseModel]]]) -> None:
+    """A service's job entrypoint (`python -m services.<service>.job <spec-uri>`): the envelope's kind picks the
+    handler, which gets the context and its typed spec."""
+    with JobContext.from_argv() as ctx:
+        entry = handlers.get(ctx.envelope.kind)
+        if entry is None:
+            ctx.fail(f"the {service} job does not know kind {ctx.envelope.kind!r}")
+        handler, spec_type = entry
+        handler(ctx, spec_type.model_validate(ctx.spec))

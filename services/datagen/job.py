@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from services.core.jobctx import JobContext
+from services.core.jobctx import JobContext, run_job
 from services.datagen.spec import TOKENIZER_FILES, GenerateDatasetSpec, PrepareDatasetSpec
 
 BATCH = 64
@@ -121,13 +121,8 @@ def generate_dataset(ctx: JobContext, spec: GenerateDatasetSpec) -> None:
 
 
 def main() -> None:
-    with JobContext.from_argv() as ctx:
-        if ctx.envelope.kind == "datagen.prepare":
-            prepare_dataset(ctx, PrepareDatasetSpec.model_validate(ctx.spec))
-        elif ctx.envelope.kind == "datagen.generate":
-            generate_dataset(ctx, GenerateDatasetSpec.model_validate(ctx.spec))
-        else:
-            ctx.fail(f"the datagen job does not know kind {ctx.envelope.kind!r}")
+    run_job("datagen", {"datagen.prepare": (prepare_dataset, PrepareDatasetSpec),
+                        "datagen.generate": (generate_dataset, GenerateDatasetSpec)})
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.core.jobctx import JobContext
+from services.core.jobctx import JobContext, run_job
 from services.evaluation import cases as C
 from services.evaluation.spec import EvalJobSpec
 
@@ -202,11 +202,7 @@ def evaluate(ctx: JobContext, spec: EvalJobSpec) -> None:
 
 
 def main() -> None:
-    with JobContext.from_argv() as ctx:
-        if ctx.envelope.kind == "evaluation.run":
-            evaluate(ctx, EvalJobSpec.model_validate(ctx.spec))
-        else:
-            ctx.fail(f"the evaluation job does not know kind {ctx.envelope.kind!r}")
+    run_job("evaluation", {"evaluation.run": (evaluate, EvalJobSpec)})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from services.core.artifacts import ArtifactWriter
-from services.core.jobctx import JobContext
+from services.core.jobctx import JobContext, run_job
 from services.registry.modelcheck import inspect_model
 from services.registry.service import HUB_PREFIX
 from services.registry.spec import ImportDatasetSpec, ImportModelSpec
@@ -66,13 +66,8 @@ def import_dataset(ctx: JobContext, spec: ImportDatasetSpec) -> None:
 
 
 def main() -> None:
-    with JobContext.from_argv() as ctx:
-        if ctx.envelope.kind == "registry.import_model":
-            import_model(ctx, ImportModelSpec.model_validate(ctx.spec))
-        elif ctx.envelope.kind == "registry.import_dataset":
-            import_dataset(ctx, ImportDatasetSpec.model_validate(ctx.spec))
-        else:
-            ctx.fail(f"the registry job does not know kind {ctx.envelope.kind!r}")
+    run_job("registry", {"registry.import_model": (import_model, ImportModelSpec),
+                         "registry.import_dataset": (import_dataset, ImportDatasetSpec)})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.core.jobctx import JobCancelled, JobContext
+from services.core.jobctx import JobCancelled, JobContext, run_job
 from services.training import checkpoints
 from services.training.spec import TrainingJobSpec
 
@@ -156,11 +156,7 @@ def train(ctx: JobContext, spec: TrainingJobSpec) -> None:
 
 
 def main() -> None:
-    with JobContext.from_argv() as ctx:
-        if ctx.envelope.kind == "training.sft":
-            train(ctx, TrainingJobSpec.model_validate(ctx.spec))
-        else:
-            ctx.fail(f"the training job does not know kind {ctx.envelope.kind!r}")
+    run_job("training", {"training.sft": (train, TrainingJobSpec)})
 
 
 if __name__ == "__main__":
