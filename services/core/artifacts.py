@@ -170,6 +170,16 @@ class ArtifactStore:
             )
         return m
 
+    def require(self, ref: ArtifactRef | None, field: str, kind: str) -> Manifest:
+        """A request's artifact field: present (InvalidArgument), existing (NotFound) and of `kind`
+        (FailedPrecondition), each error naming the field."""
+        if ref is None or not ref.uri:
+            raise InvalidArgument.field(field, f"is required (a {kind} artifact id or tunery:// uri)")
+        m = self.resolve(ref)
+        if m.kind != kind:
+            raise FailedPrecondition(f"{field}: {m.id} is a {m.kind} artifact, not a {kind}")
+        return m
+
     def list(self, kind: str = "", name: str = "", *, after: str = "", limit: int = 50) -> tuple[list[Manifest], str]:
         """Manifests in id order, filtered; returns (page, next_after) with next_after empty at the end."""
         prefix = self.key("artifacts") + "/"

@@ -31,24 +31,16 @@ class DatagenService:
         self.artifacts, self.runner, self.settings = artifacts, runner, settings
         self.jobs = JobService(runner, self.SERVICE)
 
-    def _artifact(self, ref: ArtifactRef, field: str, kind: str) -> Manifest:
-        if not ref.uri:
-            raise InvalidArgument.field(field, f"is required (a {kind} artifact id or tunery:// uri)")
-        m = self.artifacts.resolve(ref)
-        if m.kind != kind:
-            raise FailedPrecondition(f"{field}: {m.id} is a {m.kind} artifact, not a {kind}")
-        return m
-
     def _validate_prepare(self, dataset: ArtifactRef, base_model: ArtifactRef, name: str,
                           options: dict[str, Any]) -> PrepareDatasetSpec:
         try:
             opts = PrepareOptions.model_validate(options)
         except ValidationError as e:
             check([FieldViolation("spec." + ".".join(str(p) for p in err["loc"]), err["msg"]) for err in e.errors()])
-        data = self._artifact(dataset, "spec.dataset", "dataset")
+        data = self.artifacts.require(dataset, "spec.dataset", "dataset")
         if data.metadata.get("stage") != "raw":
             raise FailedPrecondition(f"spec.dataset: {data.id} is already prepared; prepare the raw import it came from")
-        model = self._artifact(base_model, "spec.base_model", "model")
+        model = self.artifacts.require(base_model, "spec.base_model", "model")
         if not model.metadata.get("is_causal_lm", False):
             raise FailedPrecondition(f"spec.base_model: {model.id} is a {model.metadata.get('architecture')}, not a causal LM")
         if not model.metadata.get("has_chat_template"):
@@ -81,7 +73,7 @@ class DatagenService:
         if (teacher_model is None) == (endpoint is None):
             raise InvalidArgument.field("spec.teacher", "give exactly one of a model artifact or an OpenAI endpoint")
         if teacher_model is not None:
-            model = self._artifact(teacher_model, "spec.teacher.model", "model")
+            model = self.artifacts.require(teacher_model, "spec.teacher.model", "model")
             if not model.metadata.get("is_causal_lm", False) or not model.metadata.get("has_chat_template"):
                 raise FailedPrecondition(f"spec.teacher.model: {model.id} must be a causal LM with a chat template")
             teacher = TeacherSpec(model=model.ref())

@@ -45,14 +45,6 @@ class EvaluationService:
         self.jobs = JobService(runner, self.SERVICE)
 
     # ------------------------------------------------------------------ validation
-    def _artifact(self, ref: ArtifactRef | None, field: str, kind: str) -> Manifest:
-        if ref is None or not ref.uri:
-            raise InvalidArgument.field(field, f"is required (a {kind} artifact id or tunery:// uri)")
-        m = self.artifacts.resolve(ref)
-        if m.kind != kind:
-            raise FailedPrecondition(f"{field}: {m.id} is a {m.kind} artifact, not a {kind}")
-        return m
-
     def _check_endpoint(self, base_url: str, api_key_env: str) -> None:
         import os
 
@@ -76,12 +68,12 @@ class EvaluationService:
             return t, None
         field = "spec.target.adapter.base_model" if t.kind == "adapter" else (
             "spec.target.prompted.model" if t.kind == "prompted" else "spec.target.model")
-        model = self._artifact(t.model, field, "model")
+        model = self.artifacts.require(t.model, field, "model")
         if not model.metadata.get("is_causal_lm", False):
             raise FailedPrecondition(f"{field}: {model.id} is not a causal LM")
         t = t.model_copy(update={"model": model.ref()})
         if t.kind == "adapter":
-            adapter = self._artifact(t.adapter, "spec.target.adapter.adapter", "adapter")
+            adapter = self.artifacts.require(t.adapter, "spec.target.adapter.adapter", "adapter")
             trained_on = adapter.metadata.get("base_model", "")
             if trained_on and trained_on != model.uri:
                 raise FailedPrecondition(f"spec.target.adapter: {adapter.id} was trained on {trained_on}, not "
@@ -91,7 +83,7 @@ class EvaluationService:
             if not t.system_prompt and not t.few_shot_k:
                 raise InvalidArgument.field("spec.target.prompted", "give a system prompt, few-shot examples or both")
             if t.few_shot_k:
-                data = self._artifact(t.few_shot_dataset, "spec.target.prompted.few_shot_dataset", "dataset")
+                data = self.artifacts.require(t.few_shot_dataset, "spec.target.prompted.few_shot_dataset", "dataset")
                 if "train.jsonl" not in {f.path for f in data.files}:
                     raise FailedPrecondition(f"spec.target.prompted.few_shot_dataset: {data.id} is not a prepared "
                                              "dataset (no train split to take examples from)")
@@ -108,13 +100,13 @@ class EvaluationService:
             w.add_bytes(promptfoo_yaml.encode(), "promptfooconfig.yaml")
             s = s.model_copy(update={"promptfoo_suite": w.commit({"format": "promptfoo"})[0].ref()})
         if s.promptfoo_suite is not None:
-            suite = self._artifact(s.promptfoo_suite, "spec.suite.promptfoo_suite", "suite")
+            suite = self.artifacts.require(s.promptfoo_suite, "spec.suite.promptfoo_suite", "suite")
             load_user_suite(self.artifacts.read_file(suite.id, "promptfooconfig.yaml").decode(),
                             f"{suite.id}/promptfooconfig.yaml")
             s = s.model_copy(update={"promptfoo_suite": suite.ref()})
             blocks += 1
         if s.heldout_dataset is not None:
-            data = self._artifact(s.heldout_dataset, "spec.suite.heldout_dataset", "dataset")
+            data = self.artifacts.require(s.heldout_dataset, "spec.suite.heldout_dataset", "dataset")
             if not data.metadata.get("num_holdout"):
                 raise FailedPrecondition(f"spec.suite.heldout_dataset: {data.id} has no held-out split; prepare it "
                                          "with a holdout fraction > 0")

@@ -61,6 +61,10 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
+def _ref(d: dict | None) -> ArtifactRef | None:
+    return ArtifactRef(uri=d.get("uri", ""), sha256=d.get("sha256", "")) if d else None
+
+
 def _violations(e: ValidationError) -> list[FieldViolation]:
     return [FieldViolation("spec." + ".".join(str(p) for p in err["loc"]), err["msg"]) for err in e.errors()]
 
@@ -73,15 +77,6 @@ class TrainingService:
         self.jobs = JobService(runner, self.SERVICE)
 
     # ------------------------------------------------------------------ validation
-    def _artifact(self, ref: dict | None, field: str, kind: str) -> Manifest:
-        uri = (ref or {}).get("uri", "")
-        if not uri:
-            raise InvalidArgument.field(field, f"is required (a {kind} artifact id or tunery:// uri)")
-        m = self.artifacts.resolve(ArtifactRef(uri=uri, sha256=(ref or {}).get("sha256", "")))
-        if m.kind != kind:
-            raise FailedPrecondition(f"{field}: {m.id} is a {m.kind} artifact, not a {kind}")
-        return m
-
     def _validate(self, raw: dict[str, Any], preset: str) -> tuple[TrainingJobSpec, Manifest, dict[str, Any]]:
         raw = dict(raw)
         problems: list[FieldViolation] = []
@@ -96,8 +91,8 @@ class TrainingService:
             problems.append(FieldViolation("spec.optimizer.learning_rate", f"must be in (0, {MAX_LEARNING_RATE:g}] "
                                            f"(got {lr:g}); LoRA usually trains at 1e-4 to 3e-4"))
         check(problems)
-        model = self._artifact(raw.get("base_model"), "spec.base_model", "model")
-        data = self._artifact(raw.get("dataset"), "spec.dataset", "dataset")
+        model = self.artifacts.require(_ref(raw.get("base_model")), "spec.base_model", "model")
+        data = self.artifacts.require(_ref(raw.get("dataset")), "spec.dataset", "dataset")
         raw["base_model"], raw["dataset"] = model.ref().model_dump(), data.ref().model_dump()
         raw["name"] = validate_name(raw.get("name") or f"{model.name}-{method}", "spec.name")
         try:
