@@ -94,12 +94,11 @@ class EvaluationService:
         from services.evaluation.promptfoo import load_user_suite
 
         blocks = 0
-        if promptfoo_yaml.strip():
+        inline = bool(promptfoo_yaml.strip())
+        if inline:
             load_user_suite(promptfoo_yaml, "spec.suite.promptfoo_yaml")  # line-numbered errors, zero tests, types
-            w = self.artifacts.writer("suite", "promptfoo-suite")
-            w.add_bytes(promptfoo_yaml.encode(), "promptfooconfig.yaml")
-            s = s.model_copy(update={"promptfoo_suite": w.commit({"format": "promptfoo"})[0].ref()})
-        if s.promptfoo_suite is not None:
+            blocks += 1
+        elif s.promptfoo_suite is not None:
             suite = self.artifacts.require(s.promptfoo_suite, "spec.suite.promptfoo_suite", "suite")
             load_user_suite(self.artifacts.read_file(suite.id, "promptfooconfig.yaml").decode(),
                             f"{suite.id}/promptfooconfig.yaml")
@@ -126,6 +125,10 @@ class EvaluationService:
         if not blocks:
             raise InvalidArgument.field("spec.suite", "has no tests: give a promptfoo suite, a held-out dataset, "
                                         "fact probes or tool_calling")
+        if inline:  # stored only once the whole request is valid (content-addressed: the same text, one artifact)
+            w = self.artifacts.writer("suite", "promptfoo-suite")
+            w.add_bytes(promptfoo_yaml.encode(), "promptfooconfig.yaml")
+            s = s.model_copy(update={"promptfoo_suite": w.commit({"format": "promptfoo"})[0].ref()})
         return s
 
     def _template_has_tools(self, model: Manifest) -> bool:
@@ -137,9 +140,9 @@ class EvaluationService:
 
     def _validate(self, spec: EvalJobSpec, promptfoo_yaml: str) -> EvalJobSpec:
         target, model = self._target(spec.target)
-        suite = self._suite(spec.suite, promptfoo_yaml, model)
         default = (f"{model.name}-" if model is not None else "endpoint-") + target.kind
         name = validate_name(spec.name or default, "spec.name")
+        suite = self._suite(spec.suite, promptfoo_yaml, model)  # last: it stores an inline suite
         return spec.model_copy(update={"target": target, "suite": suite, "name": name})
 
     async def submit(self, spec: EvalJobSpec, promptfoo_yaml: str = "", key: str = "",
