@@ -68,19 +68,30 @@ def registry(servers, settings):
     client.close()
 
 
+def service_client(servers, settings, *services: str, **overrides: dict) -> TuneryClient:
+    """A client of real servers bound to this test's project: the registry plus `services` (names as in the
+    embedded stack), each on 127.0.0.1:0 with its own settings class; `overrides` per service, e.g.
+    training={"cpus_per_worker": 0.5}."""
+    from services.cli.stack import health
+    from services.embedded.__main__ import SERVICES
+    from tests.servers import wait_for
+
+    known = {cls.model_fields["service"].default: (cls, build) for cls, build in SERVICES}
+    base = settings.model_dump()
+    ports = {"registry": servers.start(settings, build_registry)}
+    for name in services:
+        cls, build = known[name]
+        ports[name] = servers.start(cls(**{**base, "service": name, "port": 0, **overrides.get(name, {})}), build)
+    for port in ports.values():
+        wait_for(lambda: health(port) == "SERVING", 30, what="SERVING")
+    return TuneryClient(f"127.0.0.1:{ports['registry']}", TOKEN,
+                        endpoints={k: f"127.0.0.1:{p}" for k, p in ports.items()})
+
+
 @pytest.fixture
 def data_client(servers, settings):
     """A client of real registry and datagen servers bound to this test's project."""
-    from services.cli.stack import health
-    from services.datagen.service import DatagenSettings
-    from services.datagen.servicer import build as build_datagen
-    from tests.servers import wait_for
-
-    reg = servers.start(settings, build_registry)
-    dg = servers.start(DatagenSettings(**{**settings.model_dump(), "service": "datagen", "port": 0}), build_datagen)
-    for port in (reg, dg):
-        wait_for(lambda: health(port) == "SERVING", 30, what="SERVING")
-    c = TuneryClient(f"127.0.0.1:{reg}", TOKEN, endpoints={"datagen": f"127.0.0.1:{dg}"})
+    c = service_client(servers, settings, "datagen")
     yield c
     c.close()
 

@@ -13,7 +13,8 @@ import pytest
 from services.gen.tunery.v1 import common_pb2 as pb
 from services.gen.tunery.v1 import evaluation_pb2 as ev
 from services.sdk.client import TuneryClient, ref
-from tests.servers import REPO, wait_for
+from tests.integration.conftest import service_client
+from tests.servers import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -42,27 +43,8 @@ tests:
 
 @pytest.fixture
 def client(servers, settings):
-    from services.cli.stack import health
-    from services.datagen.service import DatagenSettings
-    from services.datagen.servicer import build as build_datagen
-    from services.evaluation.service import EvaluationSettings
-    from services.evaluation.servicer import build as build_eval
-    from services.registry.servicer import build as build_registry
-    from services.training.service import TrainingSettings
-    from services.training.servicer import build as build_training
-    from tests.integration.conftest import TOKEN
-
-    base = settings.model_dump()
-    ports = {
-        "registry": servers.start(settings, build_registry),
-        "datagen": servers.start(DatagenSettings(**{**base, "service": "datagen", "port": 0}), build_datagen),
-        "training": servers.start(TrainingSettings(**{**base, "service": "training", "port": 0}), build_training),
-        "evaluation": servers.start(EvaluationSettings(**{**base, "service": "evaluation", "port": 0}), build_eval),
-    }
-    for port in ports.values():
-        wait_for(lambda: health(port) == "SERVING", 30, what="SERVING")
-    c = TuneryClient(f"127.0.0.1:{ports['registry']}", TOKEN,
-                     endpoints={k: f"127.0.0.1:{p}" for k, p in ports.items()})
+    """Real registry, datagen, training and evaluation servers bound to this test's project."""
+    c = service_client(servers, settings, "datagen", "training", "evaluation")
     yield c
     c.close()
 

@@ -17,6 +17,7 @@ import pytest
 
 from services.gen.tunery.v1 import common_pb2 as pb
 from services.sdk.client import TuneryClient
+from tests.integration.conftest import service_client
 from tests.servers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -29,26 +30,8 @@ RESUME_TOLERANCE = 0.01
 @pytest.fixture
 def client(servers, settings):
     """Real registry, datagen and training servers bound to this test's project."""
-    from services.cli.stack import health
-    from services.datagen.service import DatagenSettings
-    from services.datagen.servicer import build as build_datagen
-    from services.registry.servicer import build as build_registry
-    from services.training.service import TrainingSettings
-    from services.training.servicer import build as build_training
-    from tests.integration.conftest import TOKEN
-
-    base = settings.model_dump()
-    ports = {
-        "registry": servers.start(settings, build_registry),
-        "datagen": servers.start(DatagenSettings(**{**base, "service": "datagen", "port": 0}), build_datagen),
-        # 0.5 CPU per worker: two workers plus the driver fit the 2-CPU test head
-        "training": servers.start(TrainingSettings(**{**base, "service": "training", "port": 0,
-                                                      "cpus_per_worker": 0.5}), build_training),
-    }
-    for port in ports.values():
-        wait_for(lambda: health(port) == "SERVING", 30, what="SERVING")
-    c = TuneryClient(f"127.0.0.1:{ports['registry']}", TOKEN,
-                     endpoints={k: f"127.0.0.1:{p}" for k, p in ports.items()})
+    # 0.5 CPU per worker: two workers plus the driver fit the 2-CPU test head
+    c = service_client(servers, settings, "datagen", "training", training={"cpus_per_worker": 0.5})
     yield c
     c.close()
 
