@@ -68,7 +68,7 @@ from services.core.errors import (
     TuneryError,
     Unavailable,
 )
-from services.evaluation.scoring import wilson  # one definition, re-exported here
+from services.evaluation.scoring import BLOCKS, summarize, wilson  # one definition each; wilson re-exported here
 
 PROMPTFOO_VERSION = "0.123.1"
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +77,6 @@ SETUP_HINT = "run infra/scripts/setup-promptfoo.sh"
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 TOOL_CALLING_SUITE = SUITES_DIR / "tool_calling.yaml"
 
-BLOCKS = ("target", "general", "tool_calling")
 CHAT_PROMPT_LABEL = "tunery-chat"
 MESSAGES_VAR = "tunery_messages"
 CASE_ID_KEY = "tunery_case_id"
@@ -682,16 +681,12 @@ class RunResult:
         return sum(r.error is not None for r in self.results)
 
     def by_block(self) -> dict[str, dict[str, Any]]:
-        """passed / total / errors and the Wilson 95% interval of each block's pass rate."""
-        out: dict[str, dict[str, Any]] = {}
-        for r in self.results:
-            b = out.setdefault(r.block, {"passed": 0, "total": 0, "errors": 0})
-            b["total"] += 1
-            b["passed"] += int(r.passed)
-            b["errors"] += int(r.error is not None)
-        for b in out.values():
-            b["pass_rate"] = b["passed"] / b["total"]
-            b["low"], b["high"] = wilson(b["passed"], b["total"])
+        """passed / total / errors and the Wilson 95% interval (low, high) of each block's pass rate: the
+        report's own per-block summary (scoring.summarize) plus the error counts."""
+        out = summarize([{"block": r.block, "passed": r.passed} for r in self.results])
+        for name, b in out.items():
+            b["errors"] = sum(r.error is not None for r in self.results if r.block == name)
+            b["low"], b["high"] = b["ci_low"], b["ci_high"]
         return out
 
 
