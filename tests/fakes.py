@@ -1,13 +1,25 @@
-"""Fakes for unit tests. Each implements the same Protocol as the real thing (services.core.jobs.JobRunner)."""
+"""Fakes for unit tests. Each implements the same Protocol as the real thing (services.core.jobs.JobRunner; an
+OpenAI-compatible HTTP server)."""
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from services.core.artifacts import ArtifactStore
 from services.core.errors import AlreadyExists, NotFound
-from services.core.jobs import JobEvent, JobFiles, JobRecord, JobRequest, JobRunner, JobState, spec_sha256
+from services.core.jobs import (
+    JobEvent,
+    JobFiles,
+    JobRecord,
+    JobRequest,
+    JobRunner,
+    JobState,
+    spec_sha256,
+)
 
 
 class FakeRunner:
@@ -63,3 +75,29 @@ class FakeRunner:
 
 
 _: type[JobRunner] = FakeRunner  # type-checks that the fake keeps the Protocol's shape
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """A quiet HTTP handler for fake OpenAI-compatible servers: subclasses answer with `send_json`."""
+
+    def send_json(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def read_json(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        return json.loads(self.rfile.read(length)) if length else {}
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def serve_http(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
+    """`handler` on 127.0.0.1:<free port> in a daemon thread; stop it with .shutdown()."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

@@ -12,13 +12,14 @@ import os
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from services.core.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.evaluation import promptfoo as pf
+from tests.fakes import JsonHandler
 
 MODEL = "tiny-served"
 SAMPLING = {"temperature": 0.0, "max_tokens": 32, "seed": 7}
@@ -70,25 +71,14 @@ class FakeModel:
         self.release = threading.Event()
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):  # quiet
-                pass
-
-            def _send(self, code: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
+        class Handler(JsonHandler):
             def do_GET(self):
                 if self.path.rstrip("/").endswith("/models"):
-                    return self._send(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
-                self._send(404, {"error": {"message": "not found"}})
+                    return self.send_json(200, {"object": "list", "data": [{"id": MODEL, "object": "model"}]})
+                self.send_json(404, {"error": {"message": "not found"}})
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                body = self.read_json()
                 if self.path.startswith("/hang/"):  # a server that accepts the request and never answers
                     outer.release.wait(30)
                     return
@@ -100,7 +90,7 @@ class FakeModel:
                     msg = GRADER_ANSWER
                 else:
                     msg = ANSWERS.get(last, {"content": f"I don't know: {last}"})
-                self._send(200, {
+                self.send_json(200, {
                     "id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()),
                     "model": body["model"],
                     "choices": [{"index": 0, "message": {"role": "assistant", **msg},

@@ -103,33 +103,22 @@ def test_tool_calls_become_openai_messages_and_bad_ones_are_rejected():
 
 
 def test_openai_endpoint_teacher_speaks_the_protocol():
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, HTTPServer
+    from tests.fakes import JsonHandler, serve_http
 
     seen = []
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(JsonHandler):
         def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            body = self.read_json()
             seen.append((self.path, self.headers.get("Authorization"), body))
             msg = {"role": "assistant", "content": f"echo {body['messages'][-1]['content']}"}
             if body.get("tools"):
                 msg["tool_calls"] = [{"id": "c1", "type": "function",
                                       "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
-            out = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                              "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
+            self.send_json(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                                 "choices": [{"index": 0, "message": msg, "finish_reason": "stop"}]})
 
-        def log_message(self, *a):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve_http(Handler)
     try:
         import os
 
