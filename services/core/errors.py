@@ -71,6 +71,17 @@ class IntegrityError(TuneryError):
     code = "DATA_LOSS"
 
 
+def yaml_error(e: Exception, source: str) -> InvalidArgument:
+    """A PyYAML error (duck-typed: problem, context and their marks) as INVALID_ARGUMENT with line and column."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    what = f"{problem} ({context})" if context else problem
+    if mark is not None:
+        return InvalidArgument(f"{source}: malformed YAML at line {mark.line + 1}, column {mark.column + 1}: {what}")
+    return InvalidArgument(f"{source}: malformed YAML: {what}")
+
+
 def check(violations: list[FieldViolation]) -> None:
     """Raise one InvalidArgument naming every violation, or nothing."""
     if violations:

@@ -67,6 +67,7 @@ from services.core.errors import (
     InvalidArgument,
     TuneryError,
     Unavailable,
+    yaml_error,
 )
 from services.evaluation.scoring import BLOCKS, summarize, wilson  # one definition each; wilson re-exported here
 
@@ -267,16 +268,6 @@ def _no_file_refs(value: Any, where: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------- user suite
-def _yaml_error(e: yaml.YAMLError, source: str) -> InvalidArgument:
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-    context = getattr(e, "context", None)
-    what = f"{problem} ({context})" if context else problem
-    if mark is not None:
-        return InvalidArgument(f"{source}: malformed YAML at line {mark.line + 1}, column {mark.column + 1}: {what}")
-    return InvalidArgument(f"{source}: malformed YAML: {what}")
-
-
 def _prompt(p: Any, i: int, source: str) -> dict[str, Any]:
     where = f"{source}: prompts[{i}]"
     if isinstance(p, str):
@@ -348,7 +339,7 @@ def load_user_suite(text: str, source: str) -> dict[str, Any]:
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise _yaml_error(e, source) from None
+        raise yaml_error(e, source) from None
     if not isinstance(doc, Mapping):
         raise InvalidArgument(f"{source}: a promptfoo config is a YAML mapping (prompts, providers, tests, ...), "
                               f"not {type(doc).__name__ if doc is not None else 'an empty document'}")
@@ -608,7 +599,7 @@ def load_tool_calling_suite(path: Path | None = None) -> list[Case]:
     try:
         doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise _yaml_error(e, source) from None
+        raise yaml_error(e, source) from None
     tools = doc.get("tools") or {}
     system = doc.get("system")
     cases = []
