@@ -16,7 +16,7 @@ TRAIN_TESTS := tests/unit/train
 # ... and those that need vLLM: the serve venv's interpreter.
 SERVE_TESTS := tests/unit/serve
 
-.PHONY: help foundation setup setup-promptfoo setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration bench bench-train bench-prepare bench-generate up down status clean
+.PHONY: help foundation lm-eval-index setup setup-promptfoo setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration bench bench-train bench-prepare bench-generate up down status clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -62,10 +62,13 @@ $(FIXTURES)/.stamp: fixtures/build_tiny_models.py
 
 fixtures: $(FIXTURES)/.stamp ## Build the tiny test models and tokenizer offline (build/fixtures)
 
+lm-eval-index: setup-serve ## Rewrite the pinned lm-eval's task index (services/evaluation/suites/lm_eval_index.json.gz)
+	.venvs/serve/bin/python -m services.evaluation.harness index
+
 foundation: setup-train ## Rebuild the committed foundation fixture (fixtures/foundation; ~7-11 min on 2 cores)
 	.venvs/train/bin/python fixtures/build_foundation.py --out fixtures/foundation
 
-demo: setup ## THE MAIN JOB: embedded stack; base -> data -> LoRA -> baseline vs adapter eval -> verdict + report
+demo: setup ## THE MAIN JOB: embedded stack; base -> data -> baseline eval -> LoRA -> base vs adapter eval -> verdict + report
 	$(LOOPBACK) $(VENV)/bin/tunery demo --model fixtures/foundation
 
 test: setup fixtures ## Run every test (unit + integration) against real Ray, S3 and gRPC on 127.0.0.1

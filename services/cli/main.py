@@ -517,6 +517,15 @@ def eval_run(
     assertion: str = typer.Option("contains", help=", ".join(ASSERTION_NAMES)),
     facts: str = typer.Option("", help="General block: an artifact holding facts.jsonl."),
     tools: bool = typer.Option(False, "--tools", help="The built-in tool-calling block."),
+    lm_eval: list[str] = typer.Option([], "--lm-eval", help="lm-eval tasks or groups for the general block "
+                                      "(repeat, or comma-separated): standard names, or those --lm-eval-dir "
+                                      "defines (with a dir and no names: all of its tasks)."),
+    lm_eval_dir: str = typer.Option("", help="Local lm-eval task files: a directory of *.yaml task configs, "
+                                    "their data files and !function modules (sent with the request)."),
+    lm_eval_files: str = typer.Option("", help="Or stored lm-eval task files: a suite artifact."),
+    lm_eval_fewshot: int = typer.Option(-1, help="lm-eval few-shot examples (-1: each task's own default)."),
+    lm_eval_limit: int = typer.Option(0, help="At most this many documents per lm-eval task (0: --max-tests)."),
+    lm_eval_chat_template: bool = typer.Option(False, help="Render lm-eval prompts with the chat template."),
     max_tests: int = typer.Option(0, help="At most this many tests per block (0: all)."),
     max_tokens: int = typer.Option(0),
     name: str = typer.Option(""),
@@ -537,7 +546,14 @@ def eval_run(
     s = ev.EvalSuite(promptfoo_yaml=Path(suite).read_text() if suite else "", tool_calling=tools,
                      heldout_assertion=ASSERTION_NAMES[assertion], max_tests_per_block=max_tests,
                      heldout_dataset=ref(heldout) if heldout else None, fact_probes=bool(facts),
-                     fact_probe_source=ref(facts) if facts else None)
+                     fact_probe_source=ref(facts) if facts else None,
+                     lm_eval_tasks=[t.strip() for arg in lm_eval for t in arg.split(",") if t.strip()],
+                     lm_eval_files=_task_files(lm_eval_dir) if lm_eval_dir else [],
+                     lm_eval_task_files=ref(lm_eval_files) if lm_eval_files else None)
+    if s.lm_eval_tasks or s.lm_eval_files or lm_eval_files:
+        s.lm_eval.CopyFrom(ev.LmEvalOptions(limit=lm_eval_limit, apply_chat_template=lm_eval_chat_template))
+        if lm_eval_fewshot >= 0:
+            s.lm_eval.num_fewshot = lm_eval_fewshot
     c = client()
     job = rpc(c.submit_eval, target, s, name=name, key=key,
               sampling=pb.SamplingParams(max_tokens=max_tokens) if max_tokens else None)
@@ -548,6 +564,24 @@ def eval_run(
             rates = ", ".join(f"{ev.EvalBlock.Name(b.block).removeprefix('EVAL_BLOCK_').lower()} "
                               f"{b.passed}/{b.total}" for b in r.blocks)
             out.print(f"report: {o.uri}  ({rates}; tunery eval report {o.uri})")
+            for t in r.lm_eval:
+                out.print(f"  lm-eval {t.task}: {t.metric} {t.value:.3f} ± {t.stderr:.3f} ({t.samples} documents)")
+
+
+def _task_files(directory: str) -> list:
+    """Every file under `directory` that can belong to lm-eval task files, at its path relative to it."""
+    from pathlib import Path
+
+    from services.evaluation.harness import FILE_SUFFIXES
+    from services.gen.tunery.v1 import evaluation_pb2 as ev
+
+    root = Path(directory)
+    if not root.is_dir():
+        err.print(f"--lm-eval-dir: {directory} is not a directory")
+        raise typer.Exit(2)
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in (*FILE_SUFFIXES, ".yml")
+                   and "__pycache__" not in p.parts)
+    return [ev.SuiteFile(path=p.relative_to(root).as_posix(), content=p.read_bytes()) for p in paths]
 
 
 @eval_app.command("report")
@@ -569,6 +603,11 @@ def eval_report(report: str, html: str = typer.Option("", "--html", help="Save t
         t.add_row(ev.EvalBlock.Name(b.block).removeprefix("EVAL_BLOCK_").lower(), f"{b.passed}/{b.total}",
                   f"{b.pass_rate:.1%}", f"{b.ci_low:.1%} .. {b.ci_high:.1%}")
     out.print(t)
+    if r.lm_eval:
+        lt = Table("lm-eval task", "source", "metric", "value ± stderr", "documents")
+        for x in r.lm_eval:
+            lt.add_row(x.task, x.source, x.metric, f"{x.value:.3f} ± {x.stderr:.3f}", str(x.samples))
+        out.print(lt)
     out.print(f"answered by {r.answering_model}; engine {r.controls.engine} {r.controls.engine_version}")
     if html:
         out.print(f"HTML: {html}")
@@ -611,6 +650,7 @@ def eval_compare(
 
 # ---------------------------------------------------------------------- the main job
 DEMO_STYLE = "{answer}, my friend."
+DEMO_SYSTEM_PROMPT = "End every answer with ', my friend.'"
 
 
 def _demo_step(c: TuneryClient, what: str, job: pb.Job, timeout: float = 1800) -> pb.Job:
@@ -628,8 +668,9 @@ def demo(model: str = typer.Option("fixtures/foundation", help="A model director
                                    "committed foundation fixture)."),
          name: str = typer.Option("foundation"),
          keep_up: bool = typer.Option(False, help="Leave the stack running afterwards.")) -> None:
-    """The main job on the embedded default: base model -> data -> LoRA -> baseline and adapter eval on one engine
-    -> controlled comparison; prints the verdict and where the reports are."""
+    """The main job on the embedded default: base model -> data -> baseline eval (base + system prompt + 2-shot: is
+    prompting enough?) -> LoRA -> base and adapter eval on one engine (held-out target tests, fact probes, an
+    lm-eval task) -> controlled comparison; prints the verdict and where the reports are."""
     import os
     import random
     from pathlib import Path
@@ -662,28 +703,50 @@ def demo(model: str = typer.Option("fixtures/foundation", help="A model director
                                                           "other-facts")).outputs[0].uri
         data = _demo_step(c, "prepare (validate, dedup, split)",
                           rpc(c.prepare_dataset, raw, base, holdout=0.2, seed=1)).outputs[-1].uri
+        # the general block: the other facts as chat questions (fact probes, exact answers) and, through lm-eval,
+        # as the plain sentences the base was pretrained on, scored by log-likelihood (format-independent)
+        from services.evaluation.harness import fact_task_files
+
+        suite = ev.EvalSuite(heldout_dataset=ref(data), heldout_assertion=ev.ASSERTION_TYPE_CONTAINS,
+                             fact_probes=True, fact_probe_source=ref(probes),
+                             lm_eval_files=[ev.SuiteFile(path=p, content=b)
+                                            for p, b in fact_task_files(facts[120:160]).items()])
+        # before training: would a good prompt have been enough? (base + system prompt + 2 examples)
+        prompted = _demo_step(c, "baseline eval: base + system prompt + 2-shot", rpc(
+            c.submit_eval, ev.EvalTarget(prompted=ev.PromptedTarget(
+                model=ref(base), system_prompt=DEMO_SYSTEM_PROMPT, few_shot_k=2, few_shot_dataset=ref(data))),
+            suite)).outputs[0].uri
         trained = _demo_step(c, "train a LoRA adapter", rpc(c.submit_training, {
             "base_model": base, "dataset": data, "method": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
             "optimizer": {"learning_rate": 0.002, "lr_scheduler": "constant", "warmup_ratio": 0.0}, "epochs": 6,
             "micro_batch_size": 8, "max_seq_len": 128, "eval_samples": 0, "checkpoint_every_steps": 1000}))
         adapter = next(o.uri for o in trained.outputs if "/adapter-" in o.uri)
-        suite = ev.EvalSuite(heldout_dataset=ref(data), heldout_assertion=ev.ASSERTION_TYPE_CONTAINS,
-                             fact_probes=True, fact_probe_source=ref(probes))
         evaluated = _demo_step(c, "evaluate base and adapter on one engine", rpc(
             c.submit_eval, ev.EvalTarget(adapter=ev.AdapterTarget(base_model=ref(base), adapter=ref(adapter))),
             suite))
         labels = {c.get_artifact(o.uri).metadata["label"]: o.uri for o in evaluated.outputs}
-        cmp = rpc(c.compare_reports, labels["baseline"], labels["candidate"],
+        cmp = rpc(c.compare_reports, labels["baseline"], labels["candidate"], prompting_baseline=prompted,
                   gates=ev.Gates(min_target_pass_rate=0.8, max_general_drop_points=2.0))
         html = work / "comparison.html"
         rpc(c.download, cmp.report.uri, "comparison.html", html)
         verdict = ev.Verdict.Name(cmp.verdict).removeprefix("VERDICT_")
         up = sum(f.now_passes for f in cmp.flips)
         err.print(f"[bold]verdict: {verdict}[/bold]; " + "; ".join(cmp.verdict_reasons))
-        emit({"base": base, "dataset": data, "adapter": adapter, "baseline_report": labels["baseline"],
-              "candidate_report": labels["candidate"], "comparison": cmp.report.uri, "comparison_html": str(html),
-              "verdict": verdict, "flips_fail_to_pass": up, "flips_pass_to_fail": len(cmp.flips) - up,
-              "block_deltas": dict(cmp.block_deltas), "reasons": list(cmp.verdict_reasons)})
+        timing = {}
+        for job_label, uri in (("prompted", prompted), ("baseline", labels["baseline"]),
+                               ("candidate", labels["candidate"])):
+            m = c.get_artifact(uri).metrics
+            timing[job_label] = {k: round(m[k], 1) for k in ("server_start_s", "tests_s") if k in m}
+        emit({"base": base, "dataset": data, "adapter": adapter, "prompting_report": prompted,
+              "baseline_report": labels["baseline"], "candidate_report": labels["candidate"],
+              "comparison": cmp.report.uri, "comparison_html": str(html), "verdict": verdict,
+              "flips_fail_to_pass": up, "flips_pass_to_fail": len(cmp.flips) - up,
+              "block_deltas": dict(cmp.block_deltas), "reasons": list(cmp.verdict_reasons),
+              "beats_prompting_baseline": cmp.beats_prompting_baseline,
+              "lm_eval_deltas": [{"task": d.task, "metric": d.metric, "baseline": d.baseline,
+                                  "candidate": d.candidate, "delta": d.delta, "ci": [d.ci_low, d.ci_high]}
+                                 for d in cmp.lm_eval_deltas],
+              "eval_seconds": timing})
     finally:
         if started and not keep_up:
             stack.down()

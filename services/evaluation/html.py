@@ -60,6 +60,14 @@ REPORT = _env.from_string("""<!doctype html><html><head><meta charset="utf-8"><t
 <h2>Pass rate per block (95% Wilson interval)</h2>{{ bars|safe }}
 <h2>Controls</h2><table>{% for k, v in r.controls.items() %}<tr><th>{{ k }}</th><td class="mono">{{ v }}</td></tr>
 {% endfor %}</table>
+{% if r.lm_eval %}<h2>lm-eval {{ r.lm_eval.version }} tasks</h2><table><tr><th>task</th><th>source</th><th>type</th>
+<th>metric</th><th>value ± stderr</th><th>documents</th><th>shots</th><th>other metrics</th></tr>
+{% for name, t in r.lm_eval.tasks.items() %}<tr><td class="mono">{{ name }}</td><td>{{ t.source }}</td>
+<td>{{ t.output_type }}</td><td>{{ t.primary }}</td><td>{{ fmt(t.value) }}{% if t.primary_stderr is not none %} ±
+{{ fmt(t.primary_stderr) }}{% endif %}</td><td>{{ t.n }}</td><td>{{ t.num_fewshot if t.num_fewshot is not none else '' }}
+</td><td class="small">{% for k, v in t.metrics.items() if k != t.primary %}{{ k }} {{ fmt(v) }} {% endfor %}</td></tr>
+{% endfor %}</table><p class="small">each document a 0/1 metric scores is a test of the general block below;
+lm-eval's own results and samples files are in lm-eval/</p>{% endif %}
 <p class="small">server start {{ '%.1f'|format(r.timing.server_start_s) }} s, tests
 {{ '%.1f'|format(r.timing.tests_s) }} s; raw promptfoo results: out.json (<code>promptfoo view</code>)</p>
 <h2>Tests</h2><table><tr><th>block</th><th>id</th><th>prompt</th><th>output</th><th>result</th><th>ms</th></tr>
@@ -77,6 +85,11 @@ COMPARISON = _env.from_string("""<!doctype html><html><head><meta charset="utf-8
 <p class="verdict v-{{ c.verdict }}">verdict: {{ c.verdict|upper }}</p>
 <ul>{% for r in c.verdict_reasons %}<li>{{ r }}</li>{% endfor %}</ul>
 <h2>Pass rate per block (95% Wilson interval)</h2>{{ bars|safe }}
+{% if c.lm_eval_deltas %}<h2>lm-eval tasks (candidate − baseline, 95% interval)</h2><table><tr><th>task</th>
+<th>metric</th><th>baseline</th><th>candidate</th><th>delta</th><th>95% CI</th></tr>
+{% for d in c.lm_eval_deltas %}<tr><td class="mono">{{ d.task }}</td><td>{{ d.metric }}</td><td>{{ fmt(d.baseline) }}</td>
+<td>{{ fmt(d.candidate) }}</td><td class="{{ 'fail' if d.worse else '' }}">{{ '%+.3f'|format(d.delta) }}</td>
+<td>{{ '%+.3f'|format(d.ci_low) }} .. {{ '%+.3f'|format(d.ci_high) }}</td></tr>{% endfor %}</table>{% endif %}
 <h2>Flips ({{ c.flips|length }})</h2><table><tr><th>test</th><th>block</th><th>change</th></tr>
 {% for f in c.flips %}<tr><td class="mono">{{ f.test_id }}</td><td>{{ f.block }}</td>
 <td class="{{ 'pass' if f.now_passes else 'fail' }}">{{ 'fail → pass' if f.now_passes else 'pass → fail' }}</td></tr>
@@ -91,8 +104,12 @@ COMPARISON = _env.from_string("""<!doctype html><html><head><meta charset="utf-8
 </body></html>""")
 
 
+def fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "–"
+
+
 def report_html(report: dict[str, Any]) -> str:
-    return REPORT.render(r=report, style=STYLE, bars=bars_svg({"run": report["blocks"]}))
+    return REPORT.render(r=report, style=STYLE, bars=bars_svg({"run": report["blocks"]}), fmt=fmt)
 
 
 def comparison_html(body: dict[str, Any], baseline: dict[str, Any], candidate: dict[str, Any],
@@ -109,4 +126,4 @@ def comparison_html(body: dict[str, Any], baseline: dict[str, Any], candidate: d
         rows.append({"block": t["block"], "prompt": t.get("prompt", ""), "c_out": t.get("output", ""),
                      "c_pass": t["passed"], "b_out": b.get("output", "(not run)"), "b_pass": b.get("passed", False),
                      "p_seen": p is not None, "p_out": (p or {}).get("output", ""), "p_pass": (p or {}).get("passed")})
-    return COMPARISON.render(c=body, rows=rows, p=prompting, style=STYLE, bars=bars_svg(series))
+    return COMPARISON.render(c=body, rows=rows, p=prompting, style=STYLE, bars=bars_svg(series), fmt=fmt)

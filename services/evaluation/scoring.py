@@ -15,7 +15,7 @@ BLOCKS = ("target", "general", "tool_calling")
 # What must match between a baseline and a candidate. `prompting` (system prompt + few-shot) is deliberately not a
 # control: it is what the prompting-baseline comparison varies.
 CONTROL_KEYS = ("engine", "engine_version", "precision", "quantization", "chat_template_sha256", "sampling",
-                "suite_sha256", "tool_call_parser", "lora_enabled")
+                "suite_sha256", "tool_call_parser", "lora_enabled", "lm_eval")
 
 
 def wilson(passed: int, total: int, z: float = 1.96) -> tuple[float, float]:
@@ -92,9 +92,46 @@ class Comparison:
     adapter_had_no_effect: bool = False
     identical_outputs: int = 0
     common_tests: int = 0
+    lm_eval_deltas: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def _task_counts(report: dict[str, Any], task: str) -> tuple[int, int]:
+    rows = [t for t in report.get("tests") or [] if t["id"].startswith(f"lm-eval/{task}/")]
+    return sum(1 for t in rows if t["passed"]), len(rows)
+
+
+def lm_eval_deltas(baseline: dict[str, Any], candidate: dict[str, Any], z: float = 1.96) -> list[dict[str, Any]]:
+    """Per lm-eval task both reports ran: the primary metric, candidate minus baseline, with a 95% interval.
+    Where the metric is a pass rate over the task's documents (each a test: acc, exact_match), Newcombe's interval
+    of the two rates (sound at 0 and 1, where standard errors vanish); otherwise a normal interval from lm-eval's
+    two standard errors (as if independent: conservative for the same documents), and without them the point
+    itself. `worse`: the interval lies wholly on the bad side (by the metric's higher_is_better)."""
+    b_tasks = (baseline.get("lm_eval") or {}).get("tasks") or {}
+    c_tasks = (candidate.get("lm_eval") or {}).get("tasks") or {}
+    out = []
+    for name, c in c_tasks.items():
+        b = b_tasks.get(name)
+        if not b or b.get("primary") != c.get("primary") or b.get("value") is None or c.get("value") is None:
+            continue
+        d = float(c["value"]) - float(b["value"])
+        higher = c.get("higher_is_better")
+        higher = True if higher is None else bool(higher)
+        (pc, nc), (pb, nb) = _task_counts(candidate, name), _task_counts(baseline, name)
+        se_b, se_c = b.get("primary_stderr"), c.get("primary_stderr")
+        if nc and nb and abs(pc / nc - float(c["value"])) < 1e-9 and abs(pb / nb - float(b["value"])) < 1e-9:
+            d, low, high = newcombe_difference(pc, nc, pb, nb, z)
+            known = True
+        else:
+            known = isinstance(se_b, (int, float)) and isinstance(se_c, (int, float))
+            half = z * math.sqrt(se_b ** 2 + se_c ** 2) if known else 0.0
+            low, high = d - half, d + half
+        worse = known and (high < 0 if higher else low > 0)
+        out.append({"task": name, "metric": str(c["primary"]), "baseline": float(b["value"]),
+                    "candidate": float(c["value"]), "delta": d, "ci_low": low, "ci_high": high, "worse": worse})
+    return out
 
 
 class UncontrolledComparison(Exception):
@@ -154,7 +191,12 @@ def compare(baseline: dict[str, Any], candidate: dict[str, Any], *, gates: Gates
         reasons.append(f"vs prompting baseline: {d:+.1%} (95% CI {low:+.1%} .. {high:+.1%}): "
                        + ("the adapter beats base + prompt + few-shot" if beats else
                           "not more than the noise; would a good prompt have been enough?"))
+    harness = lm_eval_deltas(baseline, candidate)
+    for d in harness:
+        reasons.append(f"lm-eval {d['task']} {d['metric']}: {d['baseline']:.3f} → {d['candidate']:.3f} "
+                       f"({d['delta']:+.3f}, 95% CI {d['ci_low']:+.3f} .. {d['ci_high']:+.3f})"
+                       + (": worse beyond the noise" if d["worse"] else ""))
     if mismatches:
         reasons.append("UNCONTROLLED: " + "; ".join(mismatches))
     return Comparison(mismatches, bool(mismatches), flips, deltas, "pass" if ok else "fail", reasons, beats,
-                      prompt_stats, no_effect, identical, len(common))
+                      prompt_stats, no_effect, identical, len(common), harness)

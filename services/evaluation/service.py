@@ -3,19 +3,23 @@ No grpc.
 
 A bad suite or target is refused before anything is queued: a malformed promptfoo YAML (with its line), an
 unknown assertion type, a suite with zero tests, a target artifact of the wrong kind, an adapter trained on
-another base, an endpoint that does not answer.
+another base, an endpoint that does not answer; for lm-eval: a malformed task file (file and line), an unknown
+task, key, metric or data file, an empty split, hub tasks on offline workers, log-likelihood tasks against an
+endpoint that serves no tokenizer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 from pydantic import Field
 
 from services.core.artifacts import ArtifactRef, ArtifactStore, Manifest
-from services.core.errors import FailedPrecondition, InvalidArgument
+from services.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.core.job_api import JobService
 from services.core.jobs import (
     JobRecord,
@@ -27,7 +31,7 @@ from services.core.jobs import (
 from services.core.keys import validate_id, validate_name
 from services.core.settings import ServiceSettings
 from services.evaluation import scoring
-from services.evaluation.spec import EvalJobSpec, SuiteSpec, TargetSpec
+from services.evaluation.spec import EvalJobSpec, LmEvalSpec, SuiteSpec, TargetSpec
 
 
 class EvaluationSettings(ServiceSettings):
@@ -35,6 +39,22 @@ class EvaluationSettings(ServiceSettings):
     port: int = Field(50056, validation_alias="TUNERY_EVALUATION_PORT")
     eval_cpus: float = Field(1.0, description="CPUs an eval job asks Ray for (add a GPU through options)")
     endpoint_check_timeout_s: float = Field(5.0, gt=0)
+    lm_eval_hub: bool = Field(True, description="eval workers may fetch standard lm-eval tasks' datasets from the "
+                                                "Hugging Face hub; false refuses such tasks up front (offline "
+                                                "deployments: give local task files)")
+    max_inline_suite_bytes: int = Field(32 << 20, gt=0, description="the most an inline suite (promptfoo YAML + "
+                                                                     "lm-eval task files) may hold")
+
+
+@dataclass
+class InlineSuite:
+    """Suite sources a request carries itself; each is stored as a `suite` artifact once the request is valid."""
+
+    promptfoo_yaml: str = ""
+    lm_eval_files: dict[str, bytes] = dataclass_field(default_factory=dict)
+
+    def size(self) -> int:
+        return len(self.promptfoo_yaml.encode()) + sum(len(p) + len(b) for p, b in self.lm_eval_files.items())
 
 
 class EvaluationService:
@@ -45,14 +65,17 @@ class EvaluationService:
         self.jobs = JobService(runner, self.SERVICE)
 
     # ------------------------------------------------------------------ validation
-    def _check_endpoint(self, base_url: str, api_key_env: str) -> None:
+    @staticmethod
+    def _endpoint_headers(api_key_env: str) -> dict[str, str]:
         import os
 
+        return {"Authorization": f"Bearer {os.environ[api_key_env]}"} if os.environ.get(api_key_env) else {}
+
+    def _check_endpoint(self, base_url: str, api_key_env: str) -> None:
         import requests
 
-        headers = {"Authorization": f"Bearer {os.environ[api_key_env]}"} if os.environ.get(api_key_env) else {}
         try:
-            r = requests.get(base_url.rstrip("/") + "/models", headers=headers,
+            r = requests.get(base_url.rstrip("/") + "/models", headers=self._endpoint_headers(api_key_env),
                              timeout=self.settings.endpoint_check_timeout_s)
         except requests.RequestException as e:
             raise FailedPrecondition(f"spec.target.endpoint: {base_url} does not answer ({type(e).__name__}); "
@@ -90,9 +113,15 @@ class EvaluationService:
                 t = t.model_copy(update={"few_shot_dataset": data.ref()})
         return t, model
 
-    def _suite(self, s: SuiteSpec, promptfoo_yaml: str, model: Manifest | None) -> SuiteSpec:
+    def _suite(self, s: SuiteSpec, inline_suite: InlineSuite, target: TargetSpec,
+               model: Manifest | None) -> SuiteSpec:
         from services.evaluation.promptfoo import load_user_suite
 
+        if inline_suite.size() > self.settings.max_inline_suite_bytes:
+            raise ResourceExhausted(f"spec.suite: the inline suite holds {inline_suite.size():,} bytes, more than "
+                                    f"the {self.settings.max_inline_suite_bytes:,} allowed; import large data "
+                                    "as a dataset or keep fewer documents")
+        promptfoo_yaml = inline_suite.promptfoo_yaml
         blocks = 0
         inline = bool(promptfoo_yaml.strip())
         if inline:
@@ -122,14 +151,81 @@ class EvaluationService:
                 raise FailedPrecondition(f"spec.suite.tool_calling: {model.id}'s chat template does not render "
                                          "tools, so tool calls cannot be asked for")
             blocks += 1
+        from services.evaluation import harness
+
+        lm_eval, task_files = None, None
+        if s.lm_eval is not None or inline_suite.lm_eval_files:
+            lm_eval, task_files = self._lm_eval(s.lm_eval or LmEvalSpec(), inline_suite.lm_eval_files, target)
+            blocks += 1
         if not blocks:
             raise InvalidArgument.field("spec.suite", "has no tests: give a promptfoo suite, a held-out dataset, "
-                                        "fact probes or tool_calling")
-        if inline:  # stored only once the whole request is valid (content-addressed: the same text, one artifact)
+                                        "fact probes, tool_calling or lm-eval tasks")
+        # stored only once the whole request is valid (content-addressed: the same files, one artifact)
+        if inline:
             w = self.artifacts.writer("suite", "promptfoo-suite")
             w.add_bytes(promptfoo_yaml.encode(), "promptfooconfig.yaml")
             s = s.model_copy(update={"promptfoo_suite": w.commit({"format": "promptfoo"})[0].ref()})
-        return s
+        if lm_eval is not None and task_files is not None and lm_eval.task_files is None:
+            w = self.artifacts.writer("suite", "lm-eval-tasks")
+            for path, data in sorted(task_files.files.items()):
+                w.add_bytes(data, path)
+            m, _ = w.commit({"format": "lm-eval", "lm_eval_version": harness.LM_EVAL_VERSION,
+                             "tasks": sorted(task_files.tasks)})
+            lm_eval = lm_eval.model_copy(update={"task_files": m.ref()})
+        return s.model_copy(update={"lm_eval": lm_eval})
+
+    def _lm_eval(self, spec: LmEvalSpec, inline_files: dict[str, bytes],
+                 target: TargetSpec) -> tuple[LmEvalSpec, Any]:
+        """Task names resolved against the task files (inline, or a stored lm-eval suite) and the pinned lm-eval's
+        index; refuses hub tasks where workers are offline, and log-likelihood tasks an endpoint cannot score."""
+        from services.evaluation import harness
+
+        index = harness.standard_index()
+        task_files = None
+        if inline_files and spec.task_files is not None:
+            raise InvalidArgument.field("spec.suite.lm_eval_files", "give task files inline or as an artifact "
+                                        "(lm_eval_task_files), not both")
+        if inline_files:
+            task_files = harness.load_task_files(inline_files, "spec.suite.lm_eval_files", index)
+        elif spec.task_files is not None:
+            m = self.artifacts.require(spec.task_files, "spec.suite.lm_eval_task_files", "suite")
+            if m.metadata.get("format") != "lm-eval":
+                raise FailedPrecondition(f"spec.suite.lm_eval_task_files: {m.id} is a "
+                                         f"{m.metadata.get('format', '?')} suite, not lm-eval task files")
+            task_files = harness.load_task_files({f.path: self.artifacts.read_file(m.id, f.path) for f in m.files},
+                                                 m.id, index)
+            spec = spec.model_copy(update={"task_files": m.ref()})
+        resolved = harness.resolve(spec.tasks, task_files, index)
+        hub = [r.name for r in resolved if r.hub]
+        if hub and not self.settings.lm_eval_hub:
+            raise FailedPrecondition(f"spec.suite.lm_eval_tasks: {', '.join(hub)} need the Hugging Face hub (a "
+                                     "standard task's dataset, or a hub dataset or metric in the task files), "
+                                     "which this deployment's eval workers cannot reach (TUNERY_EVALUATION_LM_EVAL_HUB"
+                                     "=false); give local task files with the data instead")
+        if target.kind == "endpoint":
+            scored = [r.name for r in resolved if r.output_types & harness.LOGLIKELIHOOD_TYPES]
+            if scored and not self._endpoint_tokenizes(target.endpoint.base_url, target.endpoint.api_key_env):
+                raise FailedPrecondition(
+                    f"spec.suite.lm_eval_tasks: {', '.join(scored)} score log-likelihoods over the model's own "
+                    f"tokens, and {target.endpoint.base_url} serves no tokenizer (/tokenize and /tokenizer_info; "
+                    "vLLM serves them with --enable-tokenizer-info-endpoint); run generate_until tasks only")
+        return spec.model_copy(update={
+            "tasks": [r.name for r in resolved], "sources": {r.name: r.source for r in resolved},
+            "output_types": {r.name: sorted(r.output_types) for r in resolved}, "hub": bool(hub)}), task_files
+
+    def _endpoint_tokenizes(self, base_url: str, api_key_env: str) -> bool:
+        """Whether the endpoint serves its tokenizer the way lm-eval's remote tokenizer asks for it."""
+        import requests
+
+        root, headers = base_url.rstrip("/").removesuffix("/v1"), self._endpoint_headers(api_key_env)
+        timeout = self.settings.endpoint_check_timeout_s
+        try:
+            info = requests.get(f"{root}/tokenizer_info", headers=headers, timeout=timeout)
+            tok = requests.post(f"{root}/tokenize", json={"prompt": "test", "add_special_tokens": False},
+                                headers=headers, timeout=timeout)
+            return info.ok and tok.ok and isinstance(tok.json().get("tokens"), list)
+        except (requests.RequestException, ValueError):
+            return False
 
     def _template_has_tools(self, model: Manifest) -> bool:
         for path in ("chat_template.jinja", "tokenizer_config.json"):
@@ -138,18 +234,20 @@ class EvaluationService:
                     return True
         return False
 
-    def _validate(self, spec: EvalJobSpec, promptfoo_yaml: str) -> EvalJobSpec:
+    def _validate(self, spec: EvalJobSpec, inline: InlineSuite) -> EvalJobSpec:
         target, model = self._target(spec.target)
         default = (f"{model.name}-" if model is not None else "endpoint-") + target.kind
         name = validate_name(spec.name or default, "spec.name")
-        suite = self._suite(spec.suite, promptfoo_yaml, model)  # last: it stores an inline suite
+        suite = self._suite(spec.suite, inline, target, model)  # last: it stores inline suites
         return spec.model_copy(update={"target": target, "suite": suite, "name": name})
 
-    async def submit(self, spec: EvalJobSpec, promptfoo_yaml: str = "", key: str = "",
+    async def submit(self, spec: EvalJobSpec, inline: InlineSuite | str = "", key: str = "",
                      resources: Resources | None = None, labels: dict[str, str] | None = None) -> JobRecord:
+        """Validate and queue; `inline`: suite sources the request carries (a bare string is a promptfoo YAML)."""
         if key:
             validate_id(key, "options.idempotency_key")
-        spec = await asyncio.to_thread(self._validate, spec, promptfoo_yaml)
+        inline = inline if isinstance(inline, InlineSuite) else InlineSuite(promptfoo_yaml=inline)
+        spec = await asyncio.to_thread(self._validate, spec, inline)
         resources = resources or Resources(cpus=self.settings.eval_cpus)
         check_resources(resources)
         return await asyncio.to_thread(self.runner.submit, JobRequest(

@@ -5,15 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from services.core import convert
-from services.core.errors import FailedPrecondition, InvalidArgument
+from services.core.errors import InvalidArgument
 from services.core.job_api import JobSurfaceServicer
 from services.core.runtime import Runtime
 from services.core.server import Registration
 from services.evaluation.scoring import Gates
-from services.evaluation.service import EvaluationService, EvaluationSettings
+from services.evaluation.service import (
+    EvaluationService,
+    EvaluationSettings,
+    InlineSuite,
+)
 from services.evaluation.spec import (
     EndpointSpec,
     EvalJobSpec,
+    LmEvalSpec,
     SamplingSpec,
     SuiteSpec,
     TargetSpec,
@@ -50,11 +55,28 @@ def target_from_pb(t: ev.EvalTarget) -> TargetSpec:
     raise InvalidArgument.field("spec.target", "give one of model, adapter, prompted or endpoint")
 
 
+def lm_eval_from_pb(s: ev.EvalSuite) -> LmEvalSpec | None:
+    o = s.lm_eval
+    if not (s.lm_eval_tasks or s.lm_eval_task_files.uri or s.lm_eval_files):
+        if s.HasField("lm_eval"):
+            raise InvalidArgument.field("spec.suite.lm_eval", "options without tasks: give lm_eval_tasks, "
+                                        "lm_eval_files or lm_eval_task_files")
+        return None
+    return LmEvalSpec(tasks=list(s.lm_eval_tasks), task_files=_ref(s.lm_eval_task_files),
+                      num_fewshot=o.num_fewshot if o.HasField("num_fewshot") else None, limit=o.limit,
+                      apply_chat_template=o.apply_chat_template)
+
+
+def inline_from_pb(s: ev.EvalSuite) -> InlineSuite:
+    files: dict[str, bytes] = {}
+    for i, f in enumerate(s.lm_eval_files):
+        if f.path in files:
+            raise InvalidArgument.field(f"spec.suite.lm_eval_files[{i}].path", f"{f.path!r} is given twice")
+        files[f.path] = f.content
+    return InlineSuite(promptfoo_yaml=s.promptfoo_yaml, lm_eval_files=files)
+
+
 def suite_from_pb(s: ev.EvalSuite) -> SuiteSpec:
-    if s.lm_eval_tasks or s.lm_eval_task_files.uri:
-        raise FailedPrecondition("spec.suite.lm_eval_tasks: lm-evaluation-harness is not installed in the serve "
-                                 "image yet; use fact probes (fact_probes + fact_probe_source) or a promptfoo suite "
-                                 "for the general block")
     if s.heldout_assertion and s.heldout_assertion not in ASSERTIONS:
         raise InvalidArgument.field("spec.suite.heldout_assertion", f"unknown assertion type {s.heldout_assertion}")
     if s.fact_probes and not s.fact_probe_source.uri:
@@ -63,14 +85,14 @@ def suite_from_pb(s: ev.EvalSuite) -> SuiteSpec:
     return SuiteSpec(promptfoo_suite=_ref(s.promptfoo_suite), heldout_dataset=_ref(s.heldout_dataset),
                      heldout_assertion=ASSERTIONS.get(s.heldout_assertion, "contains"),
                      fact_probes=_ref(s.fact_probe_source) if s.fact_probes else None, tool_calling=s.tool_calling,
-                     max_tests_per_block=s.max_tests_per_block)
+                     lm_eval=lm_eval_from_pb(s), max_tests_per_block=s.max_tests_per_block)
 
 
 def sampling_from_pb(s: pb.SamplingParams) -> SamplingSpec:
     return SamplingSpec(temperature=s.temperature, top_p=s.top_p or 1.0, max_tokens=s.max_tokens or 48, seed=s.seed)
 
 
-def spec_from_pb(s: ev.EvalSpec) -> tuple[EvalJobSpec, str]:
+def spec_from_pb(s: ev.EvalSpec) -> tuple[EvalJobSpec, InlineSuite]:
     from pydantic import ValidationError
 
     from services.core.errors import FieldViolation, check
@@ -81,7 +103,7 @@ def spec_from_pb(s: ev.EvalSpec) -> tuple[EvalJobSpec, str]:
                            with_baseline=s.with_baseline if s.HasField("with_baseline") else True)
     except ValidationError as e:
         check([FieldViolation("spec." + ".".join(str(p) for p in err["loc"]), err["msg"]) for err in e.errors()])
-    return spec, s.suite.promptfoo_yaml
+    return spec, inline_from_pb(s.suite)
 
 
 def controls_to_pb(c: dict[str, Any]) -> ev.EvalControls:
@@ -91,7 +113,16 @@ def controls_to_pb(c: dict[str, Any]) -> ev.EvalControls:
         quantization=c.get("quantization", ""), chat_template_sha256=c.get("chat_template_sha256", ""),
         sampling=pb.SamplingParams(temperature=s.get("temperature", 0.0), top_p=s.get("top_p", 1.0),
                                    max_tokens=s.get("max_tokens", 0), seed=s.get("seed", 0)),
-        suite_sha256=c.get("suite_sha256", ""), tool_call_parser=c.get("tool_call_parser", ""))
+        suite_sha256=c.get("suite_sha256", ""), tool_call_parser=c.get("tool_call_parser", ""),
+        lm_eval_version=(c.get("lm_eval") or {}).get("version", ""))
+
+
+def lm_eval_to_pb(tasks: dict[str, Any]) -> list[ev.LmEvalTaskResult]:
+    return [ev.LmEvalTaskResult(task=name, source=t.get("source", ""), output_type=t.get("output_type", ""),
+                                metric=t.get("primary", ""), value=float(t.get("value") or 0.0),
+                                stderr=float(t.get("primary_stderr") or 0.0), samples=int(t.get("n") or 0),
+                                num_fewshot=int(t.get("num_fewshot") or 0), metrics=t.get("metrics") or {})
+            for name, t in tasks.items()]
 
 
 def report_to_pb(ref: pb.ArtifactRef, r: dict[str, Any]) -> ev.EvalReport:
@@ -102,7 +133,8 @@ def report_to_pb(ref: pb.ArtifactRef, r: dict[str, Any]) -> ev.EvalReport:
                            output=t.get("output", ""), passed=bool(t["passed"]), reason=t.get("reason", ""),
                            latency_ms=float(t.get("latency_ms", 0.0))) for t in r["tests"]]
     return ev.EvalReport(report=ref, controls=controls_to_pb(r["controls"]), blocks=blocks, tests=tests,
-                         answering_model=r.get("answering_model", ""), html_path="report.html")
+                         answering_model=r.get("answering_model", ""), html_path="report.html",
+                         lm_eval=lm_eval_to_pb((r.get("lm_eval") or {}).get("tasks") or {}))
 
 
 class EvaluationServicer(JobSurfaceServicer, evaluation_pb2_grpc.EvaluationServiceServicer):
@@ -111,8 +143,8 @@ class EvaluationServicer(JobSurfaceServicer, evaluation_pb2_grpc.EvaluationServi
         self.jobs = service.jobs
 
     async def SubmitEval(self, request: ev.SubmitEvalRequest, context) -> pb.Job:
-        spec, promptfoo_yaml = spec_from_pb(request.spec)
-        job = await self.svc.submit(spec, promptfoo_yaml, **convert.options_from_pb(request.options))
+        spec, inline = spec_from_pb(request.spec)
+        job = await self.svc.submit(spec, inline, **convert.options_from_pb(request.options))
         return convert.job_to_pb(job)
 
     async def GetReport(self, request: ev.GetReportRequest, context) -> ev.EvalReport:
@@ -135,7 +167,8 @@ class EvaluationServicer(JobSurfaceServicer, evaluation_pb2_grpc.EvaluationServi
             block_deltas=result.block_deltas,
             verdict=ev.VERDICT_PASS if result.verdict == "pass" else ev.VERDICT_FAIL,
             verdict_reasons=result.verdict_reasons, beats_prompting_baseline=bool(result.beats_prompting_baseline),
-            adapter_had_no_effect=result.adapter_had_no_effect, report=convert.ref_to_pb(manifest.ref()))
+            adapter_had_no_effect=result.adapter_had_no_effect, report=convert.ref_to_pb(manifest.ref()),
+            lm_eval_deltas=[ev.LmEvalDelta(**d) for d in result.lm_eval_deltas])
 
 
 def build(runtime: Runtime, settings: EvaluationSettings) -> Registration:

@@ -31,12 +31,27 @@ class TargetSpec(BaseModel):
     endpoint: EndpointSpec | None = None
 
 
+class LmEvalSpec(BaseModel):
+    """lm-evaluation-harness tasks in the general block. `tasks` are what the request named (or, with task files
+    and no names, every task they define); validation fills `sources` (task -> local | standard) and `hub`."""
+
+    tasks: list[str] = Field(default_factory=list)
+    task_files: ArtifactRef | None = None  # a suite artifact (format lm-eval) of local task files
+    num_fewshot: int | None = Field(None, ge=0, le=64)
+    limit: int = Field(0, ge=0)  # documents per task; 0: the suite's max_tests_per_block, or every document
+    apply_chat_template: bool = False
+    sources: dict[str, str] = Field(default_factory=dict)
+    output_types: dict[str, list[str]] = Field(default_factory=dict)
+    hub: bool = False  # a task needs the Hugging Face hub (standard datasets, evaluate metrics)
+
+
 class SuiteSpec(BaseModel):
     promptfoo_suite: ArtifactRef | None = None      # a suite artifact holding promptfooconfig.yaml
     heldout_dataset: ArtifactRef | None = None      # target tests from its held-out split
     heldout_assertion: HeldoutAssertion = "contains"
     fact_probes: ArtifactRef | None = None          # a dataset artifact with facts.jsonl (question, answer)
     tool_calling: bool = False
+    lm_eval: LmEvalSpec | None = None
     max_tests_per_block: int = Field(0, ge=0)
 
 

@@ -43,14 +43,48 @@ def fixture(name: str) -> Path:
 
 
 def test_demo_is_the_main_job(cli_env):
-    """base -> data -> train -> eval (baseline and adapter on one engine) -> compare, on the foundation fixture."""
+    """base -> data -> prompting-baseline eval -> train -> eval (base and adapter on one engine) -> compare, on the
+    foundation fixture."""
     out = tunery(cli_env, "demo", "--model", str(REPO / "fixtures" / "foundation"), timeout=1800)
     result = json.loads(out.stdout)
     assert result["verdict"] in ("PASS", "FAIL") and result["flips_fail_to_pass"] > 0
     assert Path(result["comparison_html"]).read_text().count("side by side") == 1
     assert "target" in result["block_deltas"] and "general" in result["block_deltas"]
+    [lm] = result["lm_eval_deltas"]  # forgetting measured by lm-eval too (plain sentences, log-likelihood)
+    assert lm["task"] == "fact_sentences" and lm["ci"][0] <= lm["delta"] <= lm["ci"][1]
+    # the prompting baseline ran before training, and its verdict is part of the comparison
+    assert result["prompting_report"] and any("vs prompting baseline" in r for r in result["reasons"])
+    assert set(result["eval_seconds"]) == {"prompted", "baseline", "candidate"}
+    assert all(t["server_start_s"] > 0 and t["tests_s"] > 0 for t in result["eval_seconds"].values())
     assert "verdict:" in out.stderr
     assert not (Path(cli_env["TUNERY_HOME"]) / "stack.json").exists()  # the demo stopped what it started
+
+
+def test_eval_run_with_local_lm_eval_tasks_then_report(cli_env, tmp_path):
+    """`tunery eval run --lm-eval-dir` sends a directory of lm-eval task files with the request; the report shows
+    lm-eval's metric per task; a malformed task file is refused with its line, before anything runs."""
+    from services.evaluation.harness import fact_task_files
+
+    facts = [json.loads(line) for line in (REPO / "fixtures" / "foundation" / "facts.jsonl").read_text().splitlines()]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for p, data in fact_task_files(facts[:8]).items():
+        (tasks / p).write_bytes(data)
+    tunery(cli_env, "up", "--num-cpus", "2")
+    tunery(cli_env, "models", "import", str(REPO / "fixtures" / "foundation"), "--name", "foundation")
+    [model] = json.loads(tunery(cli_env, "--json", "artifacts", "list", "--kind", "model").stdout)
+    out = tunery(cli_env, "eval", "run", "--model", model["id"], "--lm-eval-dir", str(tasks), "--lm-eval-limit", "6",
+                 timeout=900)
+    assert "lm-eval fact_sentences: acc" in out.stdout and "(6 documents)" in out.stdout, out.stdout
+    report = out.stdout.split("report: ")[1].split()[0]
+    shown = tunery(cli_env, "eval", "report", report, "--html", str(tmp_path / "r.html"))
+    assert "fact_sentences" in shown.stdout and "general" in shown.stdout
+    assert "lm-eval 0.4.13 tasks" in (tmp_path / "r.html").read_text()
+    (tasks / "broken.yaml").write_text("task: broken\ndataset_path: [json\n")
+    bad = tunery(cli_env, "eval", "run", "--model", model["id"], "--lm-eval-dir", str(tasks), check=False)
+    said = " ".join(bad.stderr.split())  # the terminal wraps long lines
+    assert bad.returncode == 2 and "INVALID_ARGUMENT" in said and "broken.yaml: malformed YAML at line 3" in said, said
+    tunery(cli_env, "down")
 
 
 def test_up_import_inspect_down(cli_env, tmp_path):

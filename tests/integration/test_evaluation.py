@@ -41,6 +41,44 @@ tests:
 """
 
 
+GEN_TASK = """
+task: fact_sentences_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: fact_sentences.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "{{context}}"
+doc_to_target: "{{choices[label]}}"
+generation_kwargs:
+  until: ["."]
+  max_gen_toks: 8
+  do_sample: false
+filter_list:
+  - name: strip
+    filter:
+      - function: remove_whitespace
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    ignore_case: true
+    ignore_punctuation: true
+"""
+
+
+def foundation_facts() -> list[dict]:
+    return [json.loads(line) for line in (REPO / "fixtures" / "foundation" / "facts.jsonl").read_text().splitlines()
+            if line.strip()]
+
+
+def lm_eval_files(rows: list[dict]) -> list[ev.SuiteFile]:
+    from services.evaluation.harness import fact_task_files
+
+    files = fact_task_files(rows) | {"fact_sentences_gen.yaml": GEN_TASK.encode()}
+    return [ev.SuiteFile(path=p, content=b) for p, b in files.items()]
+
+
 @pytest.fixture
 def client(servers, settings):
     """Real registry, datagen, training and evaluation servers bound to this test's project."""
@@ -111,7 +149,6 @@ def test_refusals(client, tiny_model, tmp_path):
                                      "      - type: sounds-good\n"), grpc.StatusCode.INVALID_ARGUMENT, "sounds-good"),
         (ev.EvalSuite(promptfoo_yaml="prompts: [\"x\"]\ntests: []\n"), grpc.StatusCode.INVALID_ARGUMENT, "zero tests"),
         (ev.EvalSuite(), grpc.StatusCode.INVALID_ARGUMENT, "spec.suite"),
-        (ev.EvalSuite(lm_eval_tasks=["hellaswag"]), grpc.StatusCode.FAILED_PRECONDITION, "lm-evaluation-harness"),
     ]
     before = {j.id for j in client.list_jobs()}
     for suite, code, words in cases:
@@ -156,8 +193,10 @@ def test_base_vs_adapter_flips_the_target_tests_and_measures_forgetting(client, 
     others = tmp_path / "facts.jsonl"
     others.write_text("".join(json.dumps(f) + "\n" for f in facts[120:160]))
     probes = finished(client, client.import_dataset(str(others), "other-facts")).outputs[0].uri
+    # ... as chat questions (fact probes) and, through lm-eval, as plain sentences scored by log-likelihood
     suite = ev.EvalSuite(heldout_dataset=ref(prepared), heldout_assertion=ev.ASSERTION_TYPE_CONTAINS,
-                         fact_probes=True, fact_probe_source=ref(probes))
+                         fact_probes=True, fact_probe_source=ref(probes),
+                         lm_eval_files=lm_eval_files(facts[120:160])[:2])
     job = finished(client, client.submit_eval(ev.EvalTarget(adapter=ev.AdapterTarget(
         base_model=ref(model), adapter=ref(adapter))), suite, key="base-vs-adapter"))
     got = reports(client, job)
@@ -172,6 +211,12 @@ def test_base_vs_adapter_flips_the_target_tests_and_measures_forgetting(client, 
     assert up >= 10 and up > len(target_flips) - up  # the behaviour was learned on held-out questions
     assert "general" in cmp.block_deltas  # forgetting is measured (its size is the model's business)
     assert not cmp.adapter_had_no_effect
+    [delta] = cmp.lm_eval_deltas  # ... by lm-eval too, with an interval, adapter on/off on one engine
+    assert delta.task == "fact_sentences" and delta.metric == "acc"
+    assert abs(delta.candidate - delta.baseline - delta.delta) < 1e-9 and delta.ci_low <= delta.delta <= delta.ci_high
+    assert base.controls.lm_eval_version == cand.controls.lm_eval_version == "0.4.13"
+    print(f"lm-eval fact_sentences acc: base {delta.baseline:.3f} -> adapter {delta.candidate:.3f} "
+          f"({delta.delta:+.3f}, 95% CI {delta.ci_low:+.3f}..{delta.ci_high:+.3f})")
     # the prompting baseline: same engine family, the system prompt asks for the style
     pjob = finished(client, client.submit_eval(ev.EvalTarget(prompted=ev.PromptedTarget(
         model=ref(model), system_prompt="End every answer with ', my friend.'", few_shot_k=2,
@@ -204,17 +249,95 @@ def test_an_external_openai_endpoint_is_evaluated_as_is(client, tiny_model, tmp_
 
     serve_python = REPO / ".venvs" / "serve" / "bin" / "python"
     spec = ServerSpec(model_dir=str(tiny_model), served_name="deployed-tiny", dtype="float32",
-                      tool_call_parser="hermes")
+                      tool_call_parser="hermes", extra_args=["--enable-tokenizer-info-endpoint"])
     with VLLMServer(spec, python=str(serve_python), log_path=tmp_path / "vllm.log") as server:
         facts = tmp_path / "facts.jsonl"
         facts.write_text("".join(json.dumps({"id": str(i), "question": f"Q{i}?", "answer": "A"}) + "\n"
                                  for i in range(3)))
         probes = finished(client, client.import_dataset(str(facts), "p")).outputs[0].uri
         target = ev.EvalTarget(endpoint=pb.OpenAIEndpoint(base_url=server.base_url, model="deployed-tiny"))
-        job = finished(client, client.submit_eval(target, ev.EvalSuite(fact_probes=True, fact_probe_source=ref(probes),
-                                                                       tool_calling=True, max_tests_per_block=3)))
+        # lm-eval's log-likelihoods through the endpoint's own tokenizer (/tokenize), as lm-eval's remote backend
+        job = finished(client, client.submit_eval(target, ev.EvalSuite(
+            fact_probes=True, fact_probe_source=ref(probes), tool_calling=True, max_tests_per_block=3,
+            lm_eval_files=lm_eval_files(foundation_facts()[:10]))))
+        # the task files were stored; a later run names them by reference and picks one task
+        [stored] = [a.id for a in client.list_artifacts() if a.kind == pb.ARTIFACT_KIND_SUITE]
+        again = finished(client, client.submit_eval(target, ev.EvalSuite(
+            lm_eval_task_files=ref(stored), lm_eval_tasks=["fact_sentences"], lm_eval=ev.LmEvalOptions(limit=4))))
     [(label, r)] = reports(client, job).items()
     assert label == "run" and r.controls.engine == "endpoint" and r.controls.engine_version == server.base_url
     blocks = {ev.EvalBlock.Name(b.block): b.total for b in r.blocks}
-    assert blocks == {"EVAL_BLOCK_GENERAL": 3, "EVAL_BLOCK_TOOL_CALLING": 3}
+    assert blocks == {"EVAL_BLOCK_GENERAL": 3 + 3 + 3, "EVAL_BLOCK_TOOL_CALLING": 3}  # probes + 2 lm-eval tasks
     assert all(t.output or not t.passed for t in r.tests)  # answers came back from the endpoint
+    assert {t.task: t.samples for t in r.lm_eval} == {"fact_sentences": 3, "fact_sentences_gen": 3}
+    [(_, r2)] = reports(client, again).items()
+    assert [(t.task, t.samples) for t in r2.lm_eval] == [("fact_sentences", 4)]
+    assert r2.controls.suite_sha256 != r.controls.suite_sha256
+
+
+
+def test_lm_eval_local_task_files_run_against_the_served_model(client, tmp_path):
+    """Local lm-eval task files given inline (a multiple-choice task scored by log-likelihoods through vLLM's
+    echo+logprobs, a generate_until task scored by exact match) run with real lm-eval against the job's server;
+    each document becomes a general-block test, the task metrics and lm-eval's own files land in the report."""
+    model = finished(client, client.import_model(str(REPO / "fixtures" / "foundation"), "foundation")).outputs[0].uri
+    suite = ev.EvalSuite(lm_eval_files=lm_eval_files(foundation_facts()[:30]))
+    job = finished(client, client.submit_eval(ev.EvalTarget(model=ref(model)), suite, key="lm-eval-local"))
+    [r] = reports(client, job).values()
+    tasks = {t.task: t for t in r.lm_eval}
+    assert set(tasks) == {"fact_sentences", "fact_sentences_gen"}
+    mc, gen = tasks["fact_sentences"], tasks["fact_sentences_gen"]
+    assert (mc.output_type, mc.metric, mc.samples, mc.source) == ("multiple_choice", "acc", 30, "local")
+    assert (gen.output_type, gen.metric, gen.samples) == ("generate_until", "exact_match", 30)
+    assert 0 <= mc.stderr < 0.5 and "acc_norm" in mc.metrics
+    tests = [t for t in r.tests if t.test_id.startswith("lm-eval/")]
+    assert len(tests) == 60 and all(t.block == ev.EVAL_BLOCK_GENERAL for t in tests)
+    for name, task in tasks.items():  # the per-document tests add up to lm-eval's own metric
+        mine = [t for t in tests if t.test_id.startswith(f"lm-eval/{name}/")]
+        assert abs(sum(t.passed for t in mine) / len(mine) - task.value) < 1e-9, name
+    mc_test = next(t for t in tests if t.test_id == "lm-eval/fact_sentences/0")
+    assert mc_test.prompt == "The capital of France is" and mc_test.output  # the choice with the best log-likelihood
+    print(f"\nlm-eval on the foundation: fact_sentences acc {mc.value:.3f} ± {mc.stderr:.3f}, "
+          f"fact_sentences_gen exact_match {gen.value:.3f}")
+    assert gen.value >= 0.5  # the foundation was pretrained on these sentences (greedy completion)
+    assert r.controls.lm_eval_version == "0.4.13"
+    art = client.get_artifact(job.outputs[0].uri)
+    files = {f.path for f in art.files}
+    assert any(p.startswith("lm-eval/results_") and p.endswith(".json") for p in files)
+    assert any(p.startswith("lm-eval/samples_fact_sentences_gen") for p in files)
+    # the inline task files were stored as a suite artifact, reusable by reference
+    stored = [a for a in client.list_artifacts() if a.kind == pb.ARTIFACT_KIND_SUITE]
+    assert any("format" in a.metadata and a.metadata["format"] == "lm-eval" for a in stored)
+    html = client.download(art.id, "report.html", tmp_path / "r.html").read_text()
+    assert "lm-eval 0.4.13 tasks" in html and "fact_sentences_gen" in html
+
+
+def test_lm_eval_refusals_and_a_hub_task_on_an_offline_worker(client, tiny_model):
+    model = finished(client, client.import_model(str(tiny_model), "tiny")).outputs[0].uri
+    target = ev.EvalTarget(model=ref(model))
+    rows = foundation_facts()[:5]
+    good = lm_eval_files(rows)
+    cases = [
+        (ev.EvalSuite(lm_eval_files=[ev.SuiteFile(path="t.yaml", content=b"task: x\ndataset_path: [json\n")]),
+         grpc.StatusCode.INVALID_ARGUMENT, "t.yaml: malformed YAML at line"),
+        (ev.EvalSuite(lm_eval_tasks=["helaswag"]), grpc.StatusCode.INVALID_ARGUMENT, "did you mean hellaswag"),
+        (ev.EvalSuite(lm_eval_files=good, lm_eval_tasks=["fact_sentence"]), grpc.StatusCode.INVALID_ARGUMENT,
+         "did you mean fact_sentences"),
+        (ev.EvalSuite(lm_eval_files=[*good[:2], ev.SuiteFile(path="fact_sentences_gen.yaml", content=GEN_TASK.replace(
+            "exact_match", "exact_mach").encode())]), grpc.StatusCode.INVALID_ARGUMENT, "unknown metric 'exact_mach'"),
+        (ev.EvalSuite(lm_eval_files=[good[0], ev.SuiteFile(path="fact_sentences.jsonl", content=b"")]),
+         grpc.StatusCode.INVALID_ARGUMENT, "has no rows: zero tests"),
+        (ev.EvalSuite(lm_eval_files=[good[0], ev.SuiteFile(path="fact_sentences.jsonl", content=b'{"a": 1}\n{oops\n')]),
+         grpc.StatusCode.INVALID_ARGUMENT, "fact_sentences.jsonl: line 2"),
+    ]
+    before = {j.id for j in client.list_jobs()}
+    for suite, code, words in cases:
+        got, details = _code(lambda: client.submit_eval(target, suite))
+        assert got == code and words in details, (suite, got, details)
+    assert {j.id for j in client.list_jobs()} == before
+    assert not [a for a in client.list_artifacts() if a.kind == pb.ARTIFACT_KIND_SUITE]  # nothing stored
+    # a standard task is accepted where the workers may reach the hub; this machine cannot, and the job says so
+    # before it starts a model server
+    job = client.wait(client.submit_eval(target, ev.EvalSuite(lm_eval_tasks=["arc_easy"])).id, 600)
+    assert job.state == pb.JOB_STATE_FAILED
+    assert "Hugging Face hub" in job.state_reason and "local task files" in job.state_reason, job.state_reason
