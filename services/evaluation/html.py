@@ -30,7 +30,7 @@ def bars_svg(series: dict[str, dict[str, dict[str, float]]]) -> str:
     rows = [b for b in BLOCKS if any(b in blocks for blocks in series.values())]
     bar_h, gap, left, width = 16, 10, 120, 520
     height = sum(len(series) * bar_h + gap for _ in rows) + 30
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 150}" height="{height}">']
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + width + 210}" height="{height}">']
     y = 10
     for block in rows:
         parts.append(f'<text x="0" y="{y + bar_h}" font-size="13">{block}</text>')
