@@ -349,21 +349,20 @@ def _check_task(cfg: dict[str, Any], yaml_path: str, files: Mapping[str, bytes],
         return task
     if hub_metrics:
         task.hub = f"evaluate metrics {', '.join(hub_metrics)}"
-    splits = _data_files(cfg.get("dataset_kwargs"), where)
-    for paths in splits.values():
-        for p in paths:
-            rel = _relpath(p, f"{where}.dataset_kwargs.data_files")
-            if rel not in files:
-                raise InvalidArgument.field(f"{where}.dataset_kwargs.data_files",
-                                            f"{rel} is not among the task files ({', '.join(sorted(files))}); "
-                                            "paths are relative to the task files' root")
-            if rel not in rows:
-                rows[rel] = _data_rows(files[rel], rel, source)
+    splits = {k: [_relpath(p, f"{where}.dataset_kwargs.data_files") for p in paths]
+              for k, paths in _data_files(cfg.get("dataset_kwargs"), where).items()}
+    for rel in (rel for paths in splits.values() for rel in paths):
+        if rel not in files:
+            raise InvalidArgument.field(f"{where}.dataset_kwargs.data_files",
+                                        f"{rel} is not among the task files ({', '.join(sorted(files))}); "
+                                        "paths are relative to the task files' root")
+        if rel not in rows:
+            rows[rel] = _data_rows(files[rel], rel, source)
     if str(split) not in splits:
         raise InvalidArgument.field(f"{where}.{'test_split' if cfg.get('test_split') else 'validation_split'}",
                                     f"split {split!r} is not in dataset_kwargs.data_files (it has "
                                     f"{', '.join(splits)}; a bare path is the 'train' split)")
-    counts = [rows[_relpath(p, where)] for p in splits[str(split)]]
+    counts = [rows[rel] for rel in splits[str(split)]]
     task.data_file = ", ".join(splits[str(split)])
     task.docs = None if any(c is None for c in counts) else sum(c or 0 for c in counts)
     if task.docs == 0:

@@ -165,7 +165,7 @@ class EvaluationService:
             w = self.artifacts.writer("suite", "promptfoo-suite")
             w.add_bytes(promptfoo_yaml.encode(), "promptfooconfig.yaml")
             s = s.model_copy(update={"promptfoo_suite": w.commit({"format": "promptfoo"})[0].ref()})
-        if lm_eval is not None and task_files is not None and lm_eval.task_files is None:
+        if inline_suite.lm_eval_files:  # (given with an artifact as well, _lm_eval has refused the request)
             w = self.artifacts.writer("suite", "lm-eval-tasks")
             for path, data in sorted(task_files.files.items()):
                 w.add_bytes(data, path)
