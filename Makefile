@@ -10,13 +10,14 @@ GEN       := services/gen
 FIXTURES  := build/fixtures
 # Runs a command inside a loopback-only network namespace where one can be made (Ray binds all interfaces).
 LOOPBACK  := infra/scripts/loopback.sh
-PYTEST    ?= -q
+# CI prints the slowest tests of every run (CI's time budget: docs/architecture.md)
+PYTEST    ?= -q --durations=40
 # Unit tests that need torch/transformers/peft/trl in-process: they run with the train venv's interpreter.
 TRAIN_TESTS := tests/unit/train
 # ... and those that need vLLM: the serve venv's interpreter.
 SERVE_TESTS := tests/unit/serve
 
-.PHONY: help foundation lm-eval-index setup setup-promptfoo setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration bench bench-train bench-prepare bench-generate up down status clean
+.PHONY: help foundation lm-eval-index setup setup-promptfoo setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-prepare bench-generate up down status clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -63,7 +64,7 @@ $(FIXTURES)/.stamp: fixtures/build_tiny_models.py
 fixtures: $(FIXTURES)/.stamp ## Build the tiny test models and tokenizer offline (build/fixtures)
 
 lm-eval-index: setup-serve ## Rewrite the pinned lm-eval's task index (services/evaluation/suites/lm_eval_index.json.gz)
-	.venvs/serve/bin/python -m services.evaluation.harness index
+	.venvs/serve/bin/python -m services.evaluation.lm_eval_tasks index
 
 foundation: setup-train ## Rebuild the committed foundation fixture (fixtures/foundation; ~7-11 min on 2 cores)
 	.venvs/train/bin/python fixtures/build_foundation.py --out fixtures/foundation
@@ -71,16 +72,20 @@ foundation: setup-train ## Rebuild the committed foundation fixture (fixtures/fo
 demo: setup ## THE MAIN JOB: embedded stack; base -> data -> baseline eval -> LoRA -> base vs adapter eval -> verdict + report
 	$(LOOPBACK) $(VENV)/bin/tunery demo --model fixtures/foundation
 
-test: setup fixtures ## Run every test (unit + integration) against real Ray, S3 and gRPC on 127.0.0.1
+test: export TUNERY_STRICT_SKIPS = 1
+test: setup fixtures ## Run every test (unit, integration, e2e) against real Ray, S3 and gRPC on 127.0.0.1; a skip fails
 	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS)
 	$(LOOPBACK) .venvs/train/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(TRAIN_TESTS)
 	$(LOOPBACK) .venvs/serve/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(SERVE_TESTS)
 
-test-unit: setup-control protos setup-promptfoo ## Unit tests only (fast, fakes allowed)
-	$(VPY) -m pytest $(PYTEST) tests/unit --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS)
+test-unit: setup-control protos setup-promptfoo ## Unit tier of the control venv (-m unit: fast, fakes allowed, no Ray)
+	$(VPY) -m pytest $(PYTEST) -m unit tests --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS)
 
-test-integration: setup fixtures ## Integration tests only
-	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests/integration
+test-integration: setup fixtures ## Integration tier (-m integration: real Ray, S3 and gRPC)
+	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) -m integration tests
+
+test-e2e: setup fixtures ## End-to-end tier (-m e2e: the tunery CLI on the embedded stack, the demo)
+	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) -m e2e tests
 
 bench: setup-control protos fixtures ## Benchmarks (ratios against the bare libraries)
 	$(LOOPBACK) $(VPY) -m bench.run

@@ -31,7 +31,7 @@ for k, v in {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "HF_
     os.environ.setdefault(k, v)
 from vllm import LLM, SamplingParams
 from services.datagen.synth import Recipe, chat_prompt, instructions
-from services.datagen.teacher import context_length, engine_args
+from services.core.vllm import context_length, engine_args
 from pathlib import Path
 recipe = Recipe.model_validate(json.loads(sys.argv[2]))
 n = int(sys.argv[3])

@@ -225,7 +225,7 @@ def train_timer():
 
 
 def run_job(cfg: BenchConfig, data_dir: Path, work: Path) -> dict[str, Any]:
-    from services.training.job import fit
+    from services.training.sft import fit
 
     ctx = BenchContext(work / "store")
     spec = job_spec(cfg, register(ctx, "model", "tiny-llama", Path(cfg.model)),

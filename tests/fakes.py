@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from services.core.artifacts import ArtifactStore
 from services.core.errors import AlreadyExists, NotFound
+from services.core.job_store import JobFiles
 from services.core.jobs import (
     JobEvent,
-    JobFiles,
     JobRecord,
     JobRequest,
     JobRunner,

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,11 +15,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.sdk.client import SERVICE_PORTS
+from services.core.processes import alive, stop_group
+from services.core.ray_head import RayHead
+from services.core.settings import SERVICE_PORTS, tunery_home
 
-
-def home() -> Path:
-    return Path(os.environ.get("TUNERY_HOME", Path.home() / ".tunery"))
+home = tunery_home
 
 
 @dataclass
@@ -48,19 +46,6 @@ class StackState:
         self.path().write_text(json.dumps(asdict(self), indent=1))
 
 
-def alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    try:  # a zombie child counts as gone
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
-    except ChildProcessError:
-        return True
-
-
 def ensure_token() -> str:
     p = home() / "token"
     if not p.exists():
@@ -70,12 +55,6 @@ def ensure_token() -> str:
     return p.read_text().strip()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def health(port: int, service: str = "", timeout: float = 1.0) -> str:
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
@@ -83,20 +62,6 @@ def health(port: int, service: str = "", timeout: float = 1.0) -> str:
             return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
     except grpc.RpcError as e:
         return f"DOWN ({e.code().name})"
-
-
-def wait_ray(address: str, timeout: float) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(address + "/api/version", timeout=1).ok:
-                return
-        except Exception:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"the Ray head did not answer at {address} within {timeout:.0f}s (see {home() / 'logs'})")
 
 
 def up(*, store_url: str = "", s3: dict[str, str] | None = None, ray_address: str = "", num_cpus: int = 0,
@@ -113,30 +78,17 @@ def up(*, store_url: str = "", s3: dict[str, str] | None = None, ray_address: st
     env["TUNERY_TOKEN_FILE"] = str(h / "token")
     env["TUNERY_HOST"] = env.get("TUNERY_HOST", "127.0.0.1")
     env.setdefault("RAY_JOB_START_TIMEOUT_SECONDS", "86400")  # queued jobs wait for resources, not fail
-    env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     state = StackState(store_url=env["TUNERY_STORE_URL"], started_at=time.time())
     t0 = time.monotonic()
     if ray_address:
         state.ray_address = ray_address
     else:
         on_step("starting the Ray head on 127.0.0.1")
-        dash = free_port()
-        ray_tmp = Path("/tmp") / f"tunery-ray-{os.getuid()}"
-        ray_bin = Path(sys.executable).with_name("ray")
-        cmd = [str(ray_bin), "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--port=0",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={ray_tmp}",
-               "--disable-usage-stats", "--include-dashboard=true",
-               # free ports instead of Ray's fixed defaults, so two clusters can share a machine
-               f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}"]
-        if num_cpus:
-            cmd.append(f"--num-cpus={num_cpus}")
-        log = open(h / "logs" / "ray.log", "ab")
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        state.ray_pid = proc.pid
-        state.ray_address = f"http://127.0.0.1:{dash}"
+        head = RayHead(Path("/tmp") / f"tunery-ray-{os.getuid()}", env, num_cpus=num_cpus,
+                       log_path=h / "logs" / "ray.log")
+        head.start(timeout)
+        state.ray_pid, state.ray_address, state.ray_start_s = head.pid, head.address, head.start_s
         state.save()
-        wait_ray(state.ray_address, timeout)
-        state.ray_start_s = time.monotonic() - t0
     env["TUNERY_RAY_ADDRESS"] = state.ray_address
     for name, port in SERVICE_PORTS.items():
         env.setdefault(f"TUNERY_{name.upper()}_PORT", str(port))  # 0: the kernel picks, reported back below
@@ -174,25 +126,11 @@ def last_error(log: Path, lines: int = 3) -> str:
     return " | ".join(line.strip()[:300] for line in tail) or "empty log"
 
 
-def _stop(pid: int, grace: float) -> None:
-    if not alive(pid):
-        return
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if alive(pid):
-        os.killpg(pid, signal.SIGKILL)
-
-
 def down() -> bool:
     state = StackState.load()
     if state is None:
         return False
-    _stop(state.services_pid, 15.0)
-    _stop(state.ray_pid, 30.0)
+    stop_group(state.services_pid, 15.0)
+    stop_group(state.ray_pid, 30.0)
     StackState.path().unlink(missing_ok=True)
     return True

@@ -39,6 +39,11 @@ class ArtifactRef(BaseModel):
     uri: str
     sha256: str = ""
 
+    @classmethod
+    def unset(cls) -> "ArtifactRef":
+        """A request field the caller left empty (ArtifactStore.require says it is required)."""
+        return cls(uri="")
+
 
 class FileEntry(BaseModel):
     path: str

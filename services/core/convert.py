@@ -7,7 +7,8 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from services.core.artifacts import ArtifactRef, Manifest
-from services.core.jobs import JobEvent, JobRecord, JobState, Resources
+from services.core.errors import InvalidArgument
+from services.core.jobs import JobEvent, JobRecord, JobState, Resources, SubmitOptions
 from services.gen.tunery.v1 import common_pb2 as pb
 
 KIND_TO_PB = {
@@ -101,10 +102,16 @@ def message_to_dict(msg) -> dict[str, Any]:
     return json_format.MessageToDict(msg, preserving_proto_field_name=True)
 
 
-def options_from_pb(o: pb.SubmitOptions) -> dict[str, Any]:
-    """SubmitOptions as keyword arguments for a service's submit methods."""
-    return {
-        "key": o.idempotency_key,
-        "resources": resources_from_pb(o.resources, Resources()) if o.HasField("resources") else None,
-        "labels": dict(o.labels),
-    }
+def options_from_pb(o: pb.SubmitOptions) -> SubmitOptions:
+    return SubmitOptions(key=o.idempotency_key,
+                         resources=resources_from_pb(o.resources, Resources()) if o.HasField("resources") else None,
+                         labels=dict(o.labels))
+
+
+def enum_name(names: dict[int, str], value: int, field: str) -> str:
+    """A proto enum value as the domain's word; a number outside the enum (a newer client's, or a fuzzer's) is
+    INVALID_ARGUMENT naming the field, never a KeyError."""
+    if value in names:
+        return names[value]
+    raise InvalidArgument.field(field, f"{value} is not a known value (known: "
+                                f"{', '.join(f'{k} ({v})' for k, v in sorted(names.items()))})")

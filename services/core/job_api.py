@@ -1,4 +1,5 @@
-"""The job surface every job-running service shares: GetJob, ListJobs, CancelJob, WatchJob.
+"""The job surface every job-running service shares: submit (the one path from a validated spec to a queued job),
+GetJob, ListJobs, CancelJob, WatchJob.
 
 JobService holds the logic (no grpc); JobSurfaceServicer is the mixin a servicer inherits to expose it.
 """
@@ -8,16 +9,29 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+from pydantic import BaseModel
 
 from services.core import convert
 from services.core.errors import InvalidArgument
-from services.core.jobs import JobEvent, JobRecord, JobRunner, JobState
+from services.core.jobs import (
+    JobEvent,
+    JobRecord,
+    JobRequest,
+    JobRunner,
+    JobState,
+    Resources,
+    SubmitOptions,
+    check_resources,
+)
 from services.core.keys import validate_id
 from services.core.logs import job_id_var
 from services.gen.tunery.v1 import common_pb2 as pb
 
 MAX_PAGE = 500
+S = TypeVar("S", bound=BaseModel)
 
 
 def encode_token(offset: int) -> str:
@@ -49,6 +63,22 @@ class JobService:
 
     def __init__(self, runner: JobRunner, service: str):
         self.runner, self.service = runner, service
+
+    async def submit(self, kind: str, role: str, validate: Callable[[], S], options: SubmitOptions,
+                     resources: Resources | Callable[[S], Resources]) -> JobRecord:
+        """The one way a service queues a job: the options are checked, `validate` (the service's checks, run in a
+        thread: they read the store) returns the job's typed spec, and the job goes to the runner with the
+        caller's resources or the service's default `resources` (or the default for the validated spec). Nothing is
+        written before every check passed."""
+        if options.key:
+            validate_id(options.key, "options.idempotency_key")
+        if options.resources is not None:
+            check_resources(options.resources)
+        spec = await asyncio.to_thread(validate)
+        chosen = options.resources or (resources(spec) if callable(resources) else resources)
+        return await asyncio.to_thread(self.runner.submit, JobRequest(
+            kind=kind, service=self.service, role=role, spec=spec.model_dump(mode="json"),
+            idempotency_key=options.key, resources=chosen, labels=options.labels))
 
     async def get(self, job_id: str, *, with_spec: bool = True) -> JobRecord:
         job_id_var.set(job_id)

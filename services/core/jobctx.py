@@ -25,7 +25,8 @@ from pydantic import BaseModel
 from services.core import logs
 from services.core.artifacts import ArtifactRef, ArtifactStore, ArtifactWriter, Manifest
 from services.core.errors import TuneryError
-from services.core.jobs import JobEnvelope, JobEvent, JobFiles, JobState
+from services.core.job_store import JobFiles
+from services.core.jobs import JobEnvelope, JobEvent, JobState
 from services.core.settings import StoreSettings
 from services.core.store import ObjectStore, key_of, open_store
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 from services.core import logs
 from services.core.artifacts import ArtifactStore
-from services.core.jobs import JobRunner, RayJobRunner
+from services.core.jobs import JobRunner
+from services.core.ray_jobs import RayJobRunner
 from services.core.server import Registration, create_server, serve_until_signalled
 from services.core.settings import ServiceSettings
 from services.core.store import ObjectStore, open_store
@@ -81,18 +82,3 @@ def write_ports_file(ports: dict[str, int]) -> None:
     os.replace(tmp, path)
     log.info("listening", extra={"ports": ports})
 
-
-def planned_build(base: type, add: Callable, full_name: str, service: str, issue: str) -> Builder:
-    """The builder of a service whose own RPCs are not implemented yet: they answer UNIMPLEMENTED naming the
-    issue that brings them, while the shared job surface already works."""
-    from services.core.job_api import JobService, JobSurfaceServicer
-    from services.core.server import planned
-
-    servicer_cls = type(f"{base.__name__}Impl", (JobSurfaceServicer, planned(base, issue)), {})
-
-    def build(runtime: Runtime, settings: ServiceSettings) -> Registration:
-        servicer = servicer_cls()
-        servicer.jobs = JobService(runtime.runner, service)
-        return Registration(add, servicer, full_name)
-
-    return build

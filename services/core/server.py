@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import inspect
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -21,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from services.core.errors import TuneryError, Unimplemented
+from services.core.errors import TuneryError
 from services.core.settings import ServiceSettings
 
 log = logging.getLogger("tunery.server")
@@ -205,21 +204,3 @@ async def serve_until_signalled(servers: Sequence[grpc.aio.Server], grace: float
     log.info("signal received: shutting down (grace %.0fs)", grace)
     await asyncio.gather(*(stop_server(s, grace) for s in servers))
 
-
-def planned(base: type, issue: str, keep: Sequence[str] = ()) -> type:
-    """A servicer class whose RPCs (other than `keep` and the job surface) answer UNIMPLEMENTED with a sentence
-    naming the issue that will implement them."""
-    job_rpcs = {"GetJob", "ListJobs", "CancelJob", "WatchJob"}
-    label = base.__name__.removesuffix("Servicer")
-    attrs = {}
-    for name, fn in inspect.getmembers(base, inspect.isfunction):
-        if name.startswith("_") or name in job_rpcs or name in keep:
-            continue
-
-        def make(rpc: str):
-            async def not_yet(self, request, context):
-                raise Unimplemented(f"{label}.{rpc} is not implemented yet: it arrives with {issue}.")
-            return not_yet
-
-        attrs[name] = make(name)
-    return type(f"Planned{base.__name__}", (base,), attrs)

@@ -13,6 +13,20 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 Role = Literal["control", "train", "quantize", "serve"]
 ROLES: tuple[str, ...] = ("control", "train", "quantize", "serve")
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Each service's default port (env TUNERY_<SERVICE>_PORT overrides it): the one table the Settings classes, the
+# SDK and the embedded stack read.
+SERVICE_PORTS: dict[str, int] = {"registry": 50051, "datagen": 50052, "training": 50053, "merging": 50054,
+                                 "quantization": 50055, "evaluation": 50056, "serving": 50057, "pipeline": 50058}
+
+
+def tunery_home() -> Path:
+    """$TUNERY_HOME, default ~/.tunery: the embedded stack's state, token, logs, local store and cache."""
+    return Path(os.environ.get("TUNERY_HOME") or Path.home() / ".tunery")
+
+
+def port_field(service: str):
+    """The `port` field of a service's settings: its default from SERVICE_PORTS, env TUNERY_<SERVICE>_PORT."""
+    return Field(SERVICE_PORTS[service], validation_alias=f"TUNERY_{service.upper()}_PORT")
 
 
 class StoreSettings(BaseSettings):
@@ -22,7 +36,7 @@ class StoreSettings(BaseSettings):
 
     project: str = Field("default", description="Per-project key prefix: projects/<project>/...")
     store_url: str = Field(
-        default_factory=lambda: "file://" + str(Path(os.environ.get("TUNERY_HOME", Path.home() / ".tunery")) / "store"),
+        default_factory=lambda: "file://" + str(tunery_home() / "store"),
         description="file:///abs/path or s3://bucket",
     )
     s3_endpoint: str = Field("127.0.0.1:9000", description="host:port of the S3 API")
@@ -33,7 +47,7 @@ class StoreSettings(BaseSettings):
     s3_part_size: int = Field(16 * 1024 * 1024, description="multipart part size in bytes")
     s3_retries: int = 5
     cache_dir: Path = Field(
-        default_factory=lambda: Path(os.environ.get("TUNERY_HOME", Path.home() / ".tunery")) / "cache",
+        default_factory=lambda: tunery_home() / "cache",
         description="where jobs materialise artifacts",
     )
 

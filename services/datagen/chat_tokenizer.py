@@ -1,13 +1,22 @@
-"""The base model's own tokenizer and chat template, through transformers (train environment only)."""
+"""How data is rendered and counted as the base model will see it: the ChatTokenizer protocol the prepare step uses,
+and its implementation on the base model's own tokenizer and chat template (transformers: train environment only;
+tests use a fake of the same protocol)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
+
+
+class ChatTokenizer(Protocol):
+    def render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> str: ...
+
+    def count(self, text: str) -> int: ...
 
 
 class HFChatTokenizer:
-    """services.datagen.prepare's ChatTokenizer protocol on transformers' AutoTokenizer: examples are rendered
-    with apply_chat_template exactly as training will render them, and counted with the same tokenizer."""
+    """ChatTokenizer on transformers' AutoTokenizer: examples are rendered with apply_chat_template exactly as
+    training will render them, and counted with the same tokenizer."""
 
     def __init__(self, path: Path):
         from transformers import AutoTokenizer

@@ -17,11 +17,12 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from pydantic import BaseModel, Field
 
 from services.datagen import formats
+from services.datagen.chat_tokenizer import ChatTokenizer
 from services.datagen.dedup import Deduplicator, cluster_dicts, normalised_text
 from services.datagen.report import (
     MAX_CLUSTERS,
@@ -47,12 +48,6 @@ from services.datagen.validate import (
 
 
 PROGRESS_EVERY = 1000
-
-
-class ChatTokenizer(Protocol):
-    def render(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool) -> str: ...
-
-    def count(self, text: str) -> int: ...
 
 
 class PrepareResult(BaseModel):

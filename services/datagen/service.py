@@ -6,20 +6,20 @@ import asyncio
 import json
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from services.core.artifacts import ArtifactRef, ArtifactStore, Manifest
-from services.core.errors import FailedPrecondition, FieldViolation, InvalidArgument, check
+from services.core.errors import FailedPrecondition, InvalidArgument
 from services.core.job_api import JobService
-from services.core.jobs import JobRecord, JobRequest, JobRunner, Resources, check_resources
-from services.core.keys import validate_id, validate_name
-from services.core.settings import ServiceSettings
-from services.datagen.spec import GenerateDatasetSpec, OpenAIEndpointSpec, PrepareDatasetSpec, PrepareOptions, TeacherSpec
+from services.core.jobs import JobRecord, JobRunner, Resources, SubmitOptions
+from services.core.keys import validate_name
+from services.core.settings import ServiceSettings, port_field
+from services.datagen.spec import GenerateDatasetRequest, GenerateDatasetSpec, PrepareDatasetSpec, TeacherSpec
 
 
 class DatagenSettings(ServiceSettings):
     service: str = "datagen"
-    port: int = Field(50052, validation_alias="TUNERY_DATAGEN_PORT")
+    port: int = port_field("datagen")
     prepare_cpus: float = Field(1.0, description="CPUs a prepare job asks Ray for")
     generate_cpus: float = Field(1.0, description="CPUs a generate job asks Ray for (add a GPU through options)")
 
@@ -31,70 +31,49 @@ class DatagenService:
         self.artifacts, self.runner, self.settings = artifacts, runner, settings
         self.jobs = JobService(runner, self.SERVICE)
 
-    def _validate_prepare(self, dataset: ArtifactRef, base_model: ArtifactRef, name: str,
-                          options: dict[str, Any]) -> PrepareDatasetSpec:
-        try:
-            opts = PrepareOptions.model_validate(options)
-        except ValidationError as e:
-            check([FieldViolation("spec." + ".".join(str(p) for p in err["loc"]), err["msg"]) for err in e.errors()])
-        data = self.artifacts.require(dataset, "spec.dataset", "dataset")
+    async def prepare(self, spec: PrepareDatasetSpec, options: SubmitOptions) -> JobRecord:
+        return await self.jobs.submit("datagen.prepare", "train", lambda: self._check_prepare(spec), options,
+                                      Resources(cpus=self.settings.prepare_cpus))
+
+    async def generate(self, request: GenerateDatasetRequest, options: SubmitOptions) -> JobRecord:
+        return await self.jobs.submit("datagen.generate", "serve", lambda: self._check_generate(request), options,
+                                      Resources(cpus=self.settings.generate_cpus))
+
+    def _check_prepare(self, spec: PrepareDatasetSpec) -> PrepareDatasetSpec:
+        data = self.artifacts.require(spec.dataset, "spec.dataset", "dataset")
         if data.metadata.get("stage") != "raw":
             raise FailedPrecondition(f"spec.dataset: {data.id} is already prepared; prepare the raw import it came from")
-        model = self.artifacts.require(base_model, "spec.base_model", "model")
+        model = self.artifacts.require(spec.base_model, "spec.base_model", "model")
         if not model.metadata.get("is_causal_lm", False):
             raise FailedPrecondition(f"spec.base_model: {model.id} is a {model.metadata.get('architecture')}, not a causal LM")
         if not model.metadata.get("has_chat_template"):
             raise FailedPrecondition(f"spec.base_model: {model.id} has no chat template, so chat data cannot be "
                                      "rendered as the model will see it; import a model with one")
-        name = validate_name(name or f"{data.name}-prepared", "spec.name")
-        return PrepareDatasetSpec(dataset=data.ref(), base_model=model.ref(), name=name, options=opts)
+        name = validate_name(spec.name or f"{data.name}-prepared", "spec.name")
+        return spec.model_copy(update={"dataset": data.ref(), "base_model": model.ref(), "name": name})
 
-    async def prepare(self, dataset: ArtifactRef, base_model: ArtifactRef, name: str, options: dict[str, Any],
-                      key: str = "", resources: Resources | None = None,
-                      labels: dict[str, str] | None = None) -> JobRecord:
-        if key:
-            validate_id(key, "options.idempotency_key")
-        spec = await asyncio.to_thread(self._validate_prepare, dataset, base_model, name, options)
-        resources = resources or Resources(cpus=self.settings.prepare_cpus)
-        check_resources(resources)
-        return await asyncio.to_thread(self.runner.submit, JobRequest(
-            kind="datagen.prepare", service=self.SERVICE, role="train", spec=spec.model_dump(mode="json"),
-            idempotency_key=key, resources=resources, labels=labels or {}))
-
-    def _validate_generate(self, recipe_yaml: str, teacher_model: ArtifactRef | None,
-                           endpoint: OpenAIEndpointSpec | None, name: str, num_examples: int) -> GenerateDatasetSpec:
+    def _check_generate(self, r: GenerateDatasetRequest) -> GenerateDatasetSpec:
         from services.datagen.synth import load_recipe, recipe_sha256
 
-        if not recipe_yaml.strip():
+        if not r.recipe_yaml.strip():
             raise InvalidArgument.field("spec.recipe_yaml", "is required (the recipe's YAML text)")
-        if num_examples < 0:
+        if r.num_examples < 0:
             raise InvalidArgument.field("spec.num_examples", "must be ≥ 0 (0: the recipe's own)")
-        recipe = load_recipe(recipe_yaml, {"num_examples": num_examples})
-        if (teacher_model is None) == (endpoint is None):
+        recipe = load_recipe(r.recipe_yaml, {"num_examples": r.num_examples})
+        t = r.teacher
+        if (t.model is None) == (t.endpoint is None):
             raise InvalidArgument.field("spec.teacher", "give exactly one of a model artifact or an OpenAI endpoint")
-        if teacher_model is not None:
-            model = self.artifacts.require(teacher_model, "spec.teacher.model", "model")
+        if t.model is not None:
+            model = self.artifacts.require(t.model, "spec.teacher.model", "model")
             if not model.metadata.get("is_causal_lm", False) or not model.metadata.get("has_chat_template"):
                 raise FailedPrecondition(f"spec.teacher.model: {model.id} must be a causal LM with a chat template")
             teacher = TeacherSpec(model=model.ref())
         else:
-            if not endpoint.base_url.startswith(("http://", "https://")) or not endpoint.model:
-                raise InvalidArgument.field("spec.teacher.endpoint", "needs an http(s) base_url and a model name")
-            teacher = TeacherSpec(endpoint=endpoint)
-        name = validate_name(name or f"synthetic-{recipe_sha256(recipe)[:8]}", "spec.name")
-        return GenerateDatasetSpec(recipe=recipe.model_dump(), recipe_yaml=recipe_yaml, teacher=teacher, name=name)
-
-    async def generate(self, recipe_yaml: str, teacher_model: ArtifactRef | None, endpoint: OpenAIEndpointSpec | None,
-                       name: str = "", num_examples: int = 0, key: str = "", resources: Resources | None = None,
-                       labels: dict[str, str] | None = None) -> JobRecord:
-        if key:
-            validate_id(key, "options.idempotency_key")
-        spec = await asyncio.to_thread(self._validate_generate, recipe_yaml, teacher_model, endpoint, name, num_examples)
-        resources = resources or Resources(cpus=self.settings.generate_cpus)
-        check_resources(resources)
-        return await asyncio.to_thread(self.runner.submit, JobRequest(
-            kind="datagen.generate", service=self.SERVICE, role="serve", spec=spec.model_dump(mode="json"),
-            idempotency_key=key, resources=resources, labels=labels or {}))
+            if problem := t.endpoint.problem():
+                raise InvalidArgument.field("spec.teacher.endpoint", problem)
+            teacher = TeacherSpec(endpoint=t.endpoint)
+        name = validate_name(r.name or f"synthetic-{recipe_sha256(recipe)[:8]}", "spec.name")
+        return GenerateDatasetSpec(recipe=recipe.model_dump(), recipe_yaml=r.recipe_yaml, teacher=teacher, name=name)
 
     async def report(self, dataset: ArtifactRef) -> tuple[Manifest, dict[str, Any]]:
         """A prepared dataset's (or a failed prepare's report artifact's) report.json."""

@@ -9,7 +9,8 @@ from services.core.job_api import JobSurfaceServicer
 from services.core.runtime import Runtime
 from services.core.server import Registration
 from services.datagen.service import DatagenService, DatagenSettings
-from services.datagen.spec import OpenAIEndpointSpec
+from services.core.specs import parse
+from services.datagen.spec import GenerateDatasetRequest, PrepareDatasetSpec, PrepareOptions
 from services.gen.tunery.v1 import common_pb2 as pb
 from services.gen.tunery.v1 import datagen_pb2, datagen_pb2_grpc
 
@@ -24,7 +25,7 @@ SEVERITY = {"error": datagen_pb2.ISSUE_SEVERITY_ERROR, "warning": datagen_pb2.IS
 
 def prepare_options(s: datagen_pb2.PrepareDatasetSpec) -> dict[str, Any]:
     """Only the fields the caller set: the typed spec's defaults fill the rest."""
-    opts: dict[str, Any] = {"format": FORMATS.get(s.format, "auto")}
+    opts: dict[str, Any] = {"format": convert.enum_name(FORMATS, s.format, "spec.format")}
     for proto_name, name in [("holdout_fraction", "holdout_fraction"), ("seed", "seed"),
                              ("near_duplicate_threshold", "near_duplicate_threshold"), ("max_tokens", "max_tokens"),
                              ("min_examples", "min_examples"), ("stratify_field", "stratify_field"),
@@ -32,11 +33,27 @@ def prepare_options(s: datagen_pb2.PrepareDatasetSpec) -> dict[str, Any]:
         value = getattr(s, proto_name)
         if value:
             opts[name] = value
-    if s.dedup in DEDUP:
-        opts["dedup"] = DEDUP[s.dedup]
-    if s.dedup_action in ACTION:
-        opts["dedup_action"] = ACTION[s.dedup_action]
+    if s.dedup:
+        opts["dedup"] = convert.enum_name(DEDUP, s.dedup, "spec.dedup")
+    if s.dedup_action:
+        opts["dedup_action"] = convert.enum_name(ACTION, s.dedup_action, "spec.dedup_action")
     return opts
+
+
+def prepare_spec_from_pb(s: datagen_pb2.PrepareDatasetSpec) -> PrepareDatasetSpec:
+    # the proto's options sit on the spec itself: their errors name spec.<option>
+    return PrepareDatasetSpec(dataset=convert.ref_from_pb(s.dataset), base_model=convert.ref_from_pb(s.base_model),
+                              name=s.name, options=parse(PrepareOptions, prepare_options(s)))
+
+
+def generate_request_from_pb(s: datagen_pb2.GenerateDatasetSpec) -> GenerateDatasetRequest:
+    which = s.teacher.WhichOneof("source")
+    e = s.teacher.endpoint
+    return parse(GenerateDatasetRequest, {
+        "recipe_yaml": s.recipe_yaml, "name": s.name, "num_examples": s.num_examples,
+        "teacher": {"model": convert.ref_from_pb(s.teacher.model).model_dump() if which == "model" else None,
+                    "endpoint": {"base_url": e.base_url, "model": e.model, "api_key_env": e.api_key_env}
+                    if which == "endpoint" else None}})
 
 
 def report_to_pb(ref: pb.ArtifactRef, r: dict[str, Any]) -> datagen_pb2.DatasetReport:
@@ -60,19 +77,11 @@ class DatagenServicer(JobSurfaceServicer, datagen_pb2_grpc.DatagenServiceService
         self.jobs = service.jobs
 
     async def PrepareDataset(self, request: datagen_pb2.PrepareDatasetRequest, context) -> pb.Job:
-        s = request.spec
-        job = await self.svc.prepare(convert.ref_from_pb(s.dataset), convert.ref_from_pb(s.base_model), s.name,
-                                     prepare_options(s), **convert.options_from_pb(request.options))
+        job = await self.svc.prepare(prepare_spec_from_pb(request.spec), convert.options_from_pb(request.options))
         return convert.job_to_pb(job)
 
     async def GenerateDataset(self, request: datagen_pb2.GenerateDatasetRequest, context) -> pb.Job:
-        s = request.spec
-        which = s.teacher.WhichOneof("source")
-        model = convert.ref_from_pb(s.teacher.model) if which == "model" else None
-        endpoint = (OpenAIEndpointSpec(base_url=s.teacher.endpoint.base_url, model=s.teacher.endpoint.model,
-                                       api_key_env=s.teacher.endpoint.api_key_env) if which == "endpoint" else None)
-        job = await self.svc.generate(s.recipe_yaml, model, endpoint, s.name, s.num_examples,
-                                      **convert.options_from_pb(request.options))
+        job = await self.svc.generate(generate_request_from_pb(request.spec), convert.options_from_pb(request.options))
         return convert.job_to_pb(job)
 
     async def GetDatasetReport(self, request: datagen_pb2.GetDatasetReportRequest, context):

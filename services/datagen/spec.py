@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from services.core.artifacts import ArtifactRef
+from services.core.specs import OpenAIEndpointSpec
 
 FormatName = Literal["auto", "alpaca", "chat", "sharegpt", "completion", "preference"]
 # What a prepare job needs of the base model: its tokenizer and chat template, never the weights.
@@ -33,16 +34,12 @@ class PrepareOptions(BaseModel):
 
 
 class PrepareDatasetSpec(BaseModel):
-    dataset: ArtifactRef
-    base_model: ArtifactRef
-    name: str
+    """The request and, with its references pinned and its name filled in, the job's spec."""
+
+    dataset: ArtifactRef = Field(default_factory=ArtifactRef.unset)
+    base_model: ArtifactRef = Field(default_factory=ArtifactRef.unset)
+    name: str = ""
     options: PrepareOptions = Field(default_factory=PrepareOptions)
-
-
-class OpenAIEndpointSpec(BaseModel):
-    base_url: str
-    model: str
-    api_key_env: str = ""
 
 
 class TeacherSpec(BaseModel):
@@ -50,6 +47,13 @@ class TeacherSpec(BaseModel):
 
     model: ArtifactRef | None = None
     endpoint: OpenAIEndpointSpec | None = None
+
+
+class GenerateDatasetRequest(BaseModel):
+    recipe_yaml: str = ""             # the recipe's YAML text
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    name: str = ""
+    num_examples: int = 0             # 0: the recipe's own
 
 
 class GenerateDatasetSpec(BaseModel):

@@ -12,9 +12,10 @@ import re
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from services.core.errors import FieldViolation, InvalidArgument, check
+from services.core.errors import InvalidArgument, yaml_error
+from services.core.specs import parse
 
 WS = re.compile(r"\s+")
 
@@ -83,18 +84,11 @@ def load_recipe(text: str, overrides: dict[str, Any] | None = None) -> Recipe:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise InvalidArgument.field("spec.recipe_yaml", f"not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        raise yaml_error(e, "spec.recipe_yaml") from None
     if not isinstance(data, dict):
         raise InvalidArgument.field("spec.recipe_yaml", "must be a YAML mapping (behaviour, instruction_template, ...)")
     data.update({k: v for k, v in (overrides or {}).items() if v})
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as e:
-        check([FieldViolation("recipe." + ".".join(str(p) for p in err["loc"]) if err["loc"] else "recipe", err["msg"])
-               for err in e.errors()])
-        raise  # unreachable
+    return parse(Recipe, data, "recipe")
 
 
 def instructions(recipe: Recipe, start: int, count: int) -> list[str]:

@@ -8,19 +8,8 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from services.core.vllm import context_length, engine_args, offline_env
 from services.datagen.synth import Sampling
-
-CPU_KV_CACHE_BYTES = 512 * 1024 * 1024
-MAX_MODEL_LEN = 4096  # generation prompts are short; a long context only costs KV cache
-
-
-def context_length(model_dir: Path) -> int:
-    import json
-
-    config = json.loads((model_dir / "config.json").read_text())
-    config = config.get("text_config") or config
-    return min(int(config.get("max_position_embeddings") or MAX_MODEL_LEN), MAX_MODEL_LEN)
-
 
 class Teacher(Protocol):
     name: str
@@ -29,29 +18,13 @@ class Teacher(Protocol):
              tools: list[dict] | None = None) -> list[str]: ...
 
 
-def engine_args(model_dir: str, device: str, max_model_len: int = MAX_MODEL_LEN) -> dict:
-    """vLLM engine arguments for a device: CPU needs an explicit KV-cache size and eager mode; a GPU takes a
-    share of its memory and may capture graphs."""
-    args = {"model": model_dir, "seed": 0, "max_model_len": max_model_len, "trust_remote_code": False}
-    if device == "cuda":
-        return {**args, "gpu_memory_utilization": 0.85}
-    return {**args, "enforce_eager": True, "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "dtype": "float32"}
-
-
-def cpu_environment() -> dict[str, str]:
-    """What vLLM's CPU build needs to run inside a job (known to work on this class of machine)."""
-    return {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-
-
 class VLLMTeacher:
     def __init__(self, model_dir: Path, uri: str):
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            for k, v in cpu_environment().items():
-                os.environ.setdefault(k, v)
+        for k, v in offline_env(device).items():
+            os.environ.setdefault(k, v)
         from vllm import LLM
 
         self.name = uri

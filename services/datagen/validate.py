@@ -11,12 +11,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
-if TYPE_CHECKING:
-    from services.datagen.prepare import ChatTokenizer
+from services.datagen.chat_tokenizer import ChatTokenizer
 
 Severity = Literal["error", "warning"]
 # Chat-template text that should have been rendered away (or never written): Jinja, ChatML, Llama, Mistral.

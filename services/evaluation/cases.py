@@ -15,10 +15,34 @@ import hashlib
 import json
 import random
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.evaluation.promptfoo import Case
+from services.evaluation.scoring import BLOCKS
+
+@dataclass
+class Case:
+    """One test: `messages` (OpenAI chat messages) sent to the served model, checked by `assertions`
+    (promptfoo assertion dicts); `tools`/`tool_choice` go with this request only."""
+
+    id: str
+    block: str  # "target" | "general" | "tool_calling"
+    messages: list[dict[str, Any]]
+    assertions: list[dict[str, Any]] = field(default_factory=list)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ValueError("Case.id is empty")
+        if self.block not in BLOCKS:
+            raise ValueError(f"Case {self.id}: block must be one of {', '.join(BLOCKS)}, not {self.block!r}")
+        if not self.messages or not all(isinstance(m, Mapping) and "role" in m for m in self.messages):
+            raise ValueError(f"Case {self.id}: messages must be a non-empty list of {{role, content}} dicts")
+
 
 # Exact match after trimming, lower-casing and dropping end punctuation: the foundation fixture's accuracy rule.
 NORMALISED_EQUALS = ("const norm = s => String(s).trim().toLowerCase().replace(/[.!?]+$/, '').trim();\n"

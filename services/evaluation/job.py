@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ TOOL_SUITE = Path(__file__).with_name("suites") / "tool_calling.yaml"
 
 def build_cases(ctx: JobContext, spec: EvalJobSpec) -> tuple[list, dict[str, Any] | None, str]:
     """(our cases, the user's promptfoo suite or None, its YAML text)."""
-    from services.evaluation.promptfoo import load_tool_calling_suite, load_user_suite
+    from services.evaluation.promptfoo_suite import load_tool_calling_suite, load_user_suite
 
     s, cache, limit = spec.suite, ctx.settings.cache_dir, spec.suite.max_tests_per_block
     out = []
@@ -73,31 +74,34 @@ def check_answering(base_url: str, served: str, api_key: str = "EMPTY") -> str:
 
 
 class LmEvalSetup:
-    """The lm-eval part of a run, loaded before the model server starts (see harness.preload)."""
+    """The lm-eval part of a run, loaded before the model server starts (see lm_eval_run.preload)."""
 
     def __init__(self, ctx: JobContext, spec: EvalJobSpec):
-        from services.evaluation import harness
+        from services.evaluation import lm_eval_run
+        from services.evaluation.lm_eval_tasks import LM_EVAL_VERSION
 
         self.spec = spec.suite.lm_eval
         le = self.spec
         self.task_dir = ctx.artifacts.materialize(le.task_files, ctx.settings.cache_dir) if le.task_files else None
-        harness.prepare_environment(ctx.settings.cache_dir, le.hub)
+        if not lm_eval_run.prepare_environment(ctx.settings.cache_dir, le.hub) and le.hub:
+            ctx.event("the Hugging Face hub cannot be reached from this worker: the standard tasks' datasets must be "
+                      "in HF_DATASETS_CACHE", level="warning")
         t0 = time.monotonic()
         standard = any(v == "standard" for v in le.sources.values())
-        self.tm = harness.task_manager(self.task_dir, standard)
-        harness.preload(le.tasks, self.task_dir, self.tm)
+        self.tm = lm_eval_run.task_manager(self.task_dir, standard)
+        lm_eval_run.preload(le.tasks, self.task_dir, self.tm)
         self.limit = le.limit or spec.suite.max_tests_per_block
-        self.controls = {"version": harness.LM_EVAL_VERSION, "tasks": list(le.tasks),
+        self.controls = {"version": LM_EVAL_VERSION, "tasks": list(le.tasks),
                          "task_files_sha256": le.task_files.sha256 if le.task_files else "",
                          "num_fewshot": le.num_fewshot, "apply_chat_template": le.apply_chat_template,
                          "limit": self.limit}
-        ctx.event(f"lm-eval {harness.LM_EVAL_VERSION}: {len(le.tasks)} tasks ({', '.join(le.tasks)}) loaded in "
+        ctx.event(f"lm-eval {LM_EVAL_VERSION}: {len(le.tasks)} tasks ({', '.join(le.tasks)}) loaded in "
                   f"{time.monotonic() - t0:.1f}s")
 
     def run(self, label: str, args: dict[str, Any], work: Path, system_instruction: str, seed: int):
-        from services.evaluation import harness
+        from services.evaluation import lm_eval_run
 
-        return harness.run(names=self.spec.tasks, sources=self.spec.sources, task_dir=self.task_dir, tm=self.tm,
+        return lm_eval_run.run(names=self.spec.tasks, sources=self.spec.sources, task_dir=self.task_dir, tm=self.tm,
                            args=args, out_dir=work, label=label, num_fewshot=self.spec.num_fewshot,
                            limit=self.limit, apply_chat_template=self.spec.apply_chat_template,
                            system_instruction=system_instruction, seed=seed)
@@ -105,7 +109,7 @@ class LmEvalSetup:
 
 def run_suite(label: str, served: str, base_url: str, cases: list, user: dict | None, spec: EvalJobSpec,
               work: Path, timeout_s: float) -> tuple[list[dict[str, Any]], list[Path]]:
-    from services.evaluation.promptfoo import build_config, run, user_suite_config
+    from services.evaluation.promptfoo_run import build_config, run, user_suite_config
 
     sampling = spec.sampling.model_dump()
     tests, raw = [], []
@@ -125,147 +129,213 @@ def run_suite(label: str, served: str, base_url: str, cases: list, user: dict | 
     return tests, raw
 
 
-def evaluate(ctx: JobContext, spec: EvalJobSpec) -> None:
+@dataclass
+class Suite:
+    """Everything that makes the tests, loaded before any model server starts."""
+
+    cases: list            # what is sent (for the prompting baseline: wrapped with the system prompt and shots)
+    user: dict[str, Any] | None
+    lm_eval: LmEvalSetup | None
+    sha256: str            # of the unwrapped cases, the user's suite and the lm-eval options
+
+    @classmethod
+    def load(cls, ctx: JobContext, spec: EvalJobSpec) -> "Suite":
+        from services.evaluation import scoring
+
+        ours, user, user_yaml = build_cases(ctx, spec)
+        lm_eval = LmEvalSetup(ctx, spec) if spec.suite.lm_eval is not None else None
+        sha = C.suite_sha256(ours, user_yaml + (json.dumps(lm_eval.controls, sort_keys=True) if lm_eval else ""))
+        t = spec.target
+        sent = ours
+        if t.kind == "prompted":
+            shots = []
+            if t.few_shot_k:
+                d = ctx.artifacts.materialize(t.few_shot_dataset, ctx.settings.cache_dir, paths=["train.jsonl"])
+                shots = C.few_shot(d / "train.jsonl", t.few_shot_k, spec.sampling.seed)
+            sent = C.prompted(ours, t.system_prompt, shots)
+        ctx.event(f"{len(ours)} cases ({', '.join(f'{b}: {sum(c.block == b for c in ours)}' for b in scoring.BLOCKS)})"
+                  + (f" + the user's promptfoo suite ({len(user['tests'])} tests)" if user else "")
+                  + (f" + lm-eval tasks {', '.join(spec.suite.lm_eval.tasks)}" if lm_eval else ""))
+        return cls(sent, user, lm_eval, sha)
+
+
+@dataclass
+class Target:
+    """What answers: the runs to make (label, served name) against `base_url`, the server to start for them (None
+    for an endpoint), and the controls every report of the job carries."""
+
+    runs: list[tuple[str, str]]
+    controls: dict[str, Any]
+    harness_args: dict[str, Any]
+    parents: list = field(default_factory=list)
+    server: Any = None     # a VLLMServer
+    base_url: str = ""
+    start_s: float = 0.0
+
+    def start(self, ctx: JobContext) -> None:
+        t0 = time.monotonic()
+        if self.server is not None:
+            ctx.phase("starting the model server")
+            self.server.start()
+            ctx.event(f"vLLM server up in {self.server.start_s:.1f}s serving {', '.join(self.server.models())}",
+                      metrics={"server_start_s": self.server.start_s})
+            self.base_url = self.server.base_url
+        self.start_s = time.monotonic() - t0
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def endpoint_target(spec: EvalJobSpec, lm_eval: bool) -> Target:
+    e = spec.target.endpoint
+    base_url = e.base_url.rstrip("/")
+    api_key = os.environ.get(e.api_key_env, "") if e.api_key_env else ""
+    return Target(runs=[("run", e.model)], base_url=base_url,
+                  controls={"engine": "endpoint", "engine_version": base_url, "precision": "unknown",
+                            "quantization": "", "chat_template_sha256": "", "tool_call_parser": "",
+                            "lora_enabled": False},
+                  harness_args={"tokenizer": None, "max_length": 2048, "device": "cpu", "api_key": api_key,
+                                "remote_tokenizer": lm_eval and endpoint_tokenizer(base_url, api_key)})
+
+
+def served_target(ctx: JobContext, spec: EvalJobSpec, work: Path) -> Target:
+    """A model artifact (with the adapter loadable, for adapter targets) on a vLLM server of our own: the adapter
+    on and off are two names on one engine."""
+    import torch
+
+    from services.core.vllm import ServerSpec, VLLMServer, engine_info, tool_call_parser_for
+
+    t, cache = spec.target, ctx.settings.cache_dir
+    model = ctx.artifacts.resolve(t.model)
+    parents = [model.ref()]
+    model_dir = ctx.artifacts.materialize(model.ref(), cache)
+    template = (model_dir / "chat_template.jinja").read_text() if (model_dir / "chat_template.jinja").exists() \
+        else json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template", "") or ""
+    adapters = {}
+    if t.kind == "adapter":
+        adapter = ctx.artifacts.resolve(t.adapter)
+        parents.append(adapter.ref())
+        adapters[adapter.name] = str(ctx.artifacts.materialize(adapter.ref(), cache))
+        runs = [("candidate", adapter.name)] + ([("baseline", model.name)] if spec.with_baseline else [])
+    else:
+        runs = [("run", model.name)]
+    parser = tool_call_parser_for(template, model.metadata.get("model_type", ""))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = "float32" if device == "cpu" else "auto"  # CPU: the weights as stored (vLLM would pick bf16)
+    sspec = ServerSpec(model_dir=str(model_dir), served_name=model.name, adapters=adapters, tool_call_parser=parser,
+                       dtype=dtype, seed=spec.sampling.seed, device=device,
+                       max_model_len=min(int(model.metadata.get("max_position_embeddings") or 2048), 4096))
+    info = engine_info()
+    return Target(runs=runs, parents=parents, server=VLLMServer(sspec, log_path=work / "vllm.log"),
+                  controls={"engine": info["engine"], "engine_version": info["version"],
+                            "precision": f"{dtype} ({model.metadata.get('dtype', '?')} weights)",
+                            "quantization": str(model.metadata.get("quantization", "")),
+                            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+                            "tool_call_parser": parser, "lora_enabled": bool(adapters)},
+                  harness_args={"tokenizer": str(model_dir), "max_length": sspec.max_model_len, "device": device})
+
+
+@dataclass
+class Run:
+    """One labelled run's results (the candidate, the baseline, or the only run)."""
+
+    label: str
+    served: str
+    answered: str
+    tests: list[dict[str, Any]]
+    blocks: dict[str, dict[str, float]]
+    raw: list[Path]
+    seconds: float
+    harness: Any = None    # lm_eval_run.HarnessRun
+
+
+def run_one(ctx: JobContext, spec: EvalJobSpec, suite: Suite, target: Target, label: str, served: str,
+            work: Path) -> Run:
     from services.evaluation import scoring
-    from services.evaluation.engine import (
-        ServerSpec,
-        VLLMServer,
-        engine_info,
-        tool_call_parser_for,
-    )
+    from services.evaluation.lm_eval_run import model_args
+
+    ctx.check_cancelled()
+    answered = check_answering(target.base_url, served) if target.server is not None else served
+    if answered != served:
+        ctx.fail(f"asked for {served!r} but {answered!r} answered; the run would not measure the target")
+    t0 = time.monotonic()
+    tests, raw = run_suite(label, served, target.base_url, suite.cases, suite.user, spec, work, timeout_s=3600)
+    harness = None
+    if suite.lm_eval is not None:
+        ctx.phase(f"lm-eval on {served}")
+        harness = suite.lm_eval.run(label, model_args(base_url=target.base_url, model=served, seed=spec.sampling.seed,
+                                                      **target.harness_args),
+                                    work, spec.target.system_prompt if spec.target.kind == "prompted" else "",
+                                    spec.sampling.seed)
+        tests += harness.tests
+        ctx.event(f"lm-eval on {served}: " + ", ".join(
+            f"{n} {v['primary']} {v['value']:.3f}" for n, v in harness.tasks.items() if v.get("value") is not None)
+            + f" in {harness.seconds:.1f}s")
+    blocks = scoring.summarize(tests)
+    return Run(label, served, answered, tests, blocks, raw, time.monotonic() - t0, harness)
+
+
+def save_report(ctx: JobContext, spec: EvalJobSpec, suite: Suite, target: Target, run: Run, work: Path,
+                name: str) -> None:
     from services.evaluation.html import report_html
 
-    # setup
     t = spec.target
-    cache = ctx.settings.cache_dir
-    our_cases, user, user_yaml = build_cases(ctx, spec)
-    lm_eval = LmEvalSetup(ctx, spec) if spec.suite.lm_eval is not None else None
-    suite_hash = C.suite_sha256(our_cases, user_yaml + (json.dumps(lm_eval.controls, sort_keys=True)
-                                                        if lm_eval else ""))
-    wrapped = our_cases
-    if t.kind == "prompted":
-        shots = []
-        if t.few_shot_k:
-            d = ctx.artifacts.materialize(t.few_shot_dataset, cache, paths=["train.jsonl"])
-            shots = C.few_shot(d / "train.jsonl", t.few_shot_k, spec.sampling.seed)
-        wrapped = C.prompted(our_cases, t.system_prompt, shots)
-    ctx.event(f"{len(our_cases)} cases ({', '.join(f'{b}: {sum(c.block == b for c in our_cases)}' for b in scoring.BLOCKS)})"
-              + (f" + the user's promptfoo suite ({len(user['tests'])} tests)" if user else "")
-              + (f" + lm-eval tasks {', '.join(spec.suite.lm_eval.tasks)}" if lm_eval else ""))
+    h = run.harness
+    report = {"name": name, "label": run.label, "target": t.model_dump(mode="json") | {"served_as": run.served},
+              "target_label": run.served, "answering_model": run.answered,
+              "answering_checked": run.answered == run.served, "adapter_enabled": run.label == "candidate",
+              "controls": target.controls, "blocks": run.blocks, "tests": run.tests,
+              "prompting": {"system_prompt": t.system_prompt, "few_shot_k": t.few_shot_k}
+              if t.kind == "prompted" else None,
+              "lm_eval": {"version": h.version, "tasks": h.tasks, "seconds": h.seconds} if h else None,
+              "timing": {"server_start_s": target.start_s, "tests_s": run.seconds,
+                         "lm_eval_s": h.seconds if h else 0.0}}
+    d = work / f"report-{run.label}"
+    d.mkdir()
+    if h is not None:  # lm-eval's own results and samples files, as its CLI writes them
+        (d / "lm-eval").mkdir()
+        for p in h.files:
+            shutil.copy(p, d / "lm-eval" / p.name)
+    (d / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    (d / "report.html").write_text(report_html(report))
+    for p in run.raw:
+        shutil.copy(p, d / (p.parent.name + "-" + p.name))
+    w = ctx.writer("report", name, parents=target.parents + ([spec.suite.promptfoo_suite]
+                                                             if spec.suite.promptfoo_suite else []))
+    for _ in w.add_dir(d):
+        pass
+    ctx.commit(w, metadata={"report": "eval", "label": run.label, "target_kind": t.kind, "served_as": run.served,
+                            "suite_sha256": suite.sha256, "controls": target.controls},
+               metrics={f"{b}_pass_rate": v["pass_rate"] for b, v in run.blocks.items()}
+               | {"tests_s": run.seconds, "server_start_s": target.start_s})
+
+
+def evaluate(ctx: JobContext, spec: EvalJobSpec) -> None:
+    # setup
+    suite = Suite.load(ctx, spec)
     work = Path(tempfile.mkdtemp(prefix="tunery-eval-"))
-    parents, runs = [], []
     try:
-        if t.kind == "endpoint":
-            base_url, served = t.endpoint.base_url.rstrip("/"), t.endpoint.model
-            controls = {"engine": "endpoint", "engine_version": base_url, "precision": "unknown", "quantization": "",
-                        "chat_template_sha256": "", "tool_call_parser": "", "lora_enabled": False}
-            server = None
-            runs = [("run", served)]
-            api_key = os.environ.get(t.endpoint.api_key_env, "") if t.endpoint.api_key_env else ""
-            harness_args = {"tokenizer": None, "max_length": 2048, "device": "cpu", "api_key": api_key,
-                            "remote_tokenizer": bool(lm_eval) and endpoint_tokenizer(base_url, api_key)}
-        else:
-            model = ctx.artifacts.resolve(t.model)
-            parents.append(model.ref())
-            model_dir = ctx.artifacts.materialize(model.ref(), cache)
-            template = (model_dir / "chat_template.jinja").read_text() if (model_dir / "chat_template.jinja").exists() \
-                else json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template", "") or ""
-            adapters = {}
-            if t.kind == "adapter":
-                adapter = ctx.artifacts.resolve(t.adapter)
-                parents.append(adapter.ref())
-                adapters[adapter.name] = str(ctx.artifacts.materialize(adapter.ref(), cache))
-                runs = [("candidate", adapter.name)] + ([("baseline", model.name)] if spec.with_baseline else [])
-            else:
-                runs = [("run", model.name)]
-            parser = tool_call_parser_for(template, model.metadata.get("model_type", ""))
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-            dtype = "float32" if device == "cpu" else "auto"  # CPU: the weights as stored (vLLM would pick bf16)
-            sspec = ServerSpec(model_dir=str(model_dir), served_name=model.name, adapters=adapters,
-                               tool_call_parser=parser, dtype=dtype, seed=spec.sampling.seed, device=device,
-                               max_model_len=min(int(model.metadata.get("max_position_embeddings") or 2048), 4096))
-            server = VLLMServer(sspec, log_path=work / "vllm.log")
-            harness_args = {"tokenizer": str(model_dir), "max_length": sspec.max_model_len, "device": device}
-            info = engine_info()
-            controls = {"engine": info["engine"], "engine_version": info["version"],
-                        "precision": f"{dtype} ({model.metadata.get('dtype', '?')} weights)",
-                        "quantization": str(model.metadata.get("quantization", "")),
-                        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
-                        "tool_call_parser": parser, "lora_enabled": bool(adapters)}
-        controls["sampling"] = spec.sampling.model_dump()
-        controls["suite_sha256"] = suite_hash
-        controls["lm_eval"] = lm_eval.controls if lm_eval else None
+        target = (endpoint_target(spec, suite.lm_eval is not None) if spec.target.kind == "endpoint"
+                  else served_target(ctx, spec, work))
+        target.controls |= {"sampling": spec.sampling.model_dump(), "suite_sha256": suite.sha256,
+                            "lm_eval": suite.lm_eval.controls if suite.lm_eval else None}
         # run
-        t0 = time.monotonic()
-        if server is not None:
-            ctx.phase("starting the model server")
-            server.start()
-            ctx.event(f"vLLM server up in {server.start_s:.1f}s serving {', '.join(server.models())}",
-                      metrics={"server_start_s": server.start_s})
-            base_url = server.base_url
-        start_s = time.monotonic() - t0
+        target.start(ctx)
         ctx.phase("running")
-        reports = []
+        runs: list[Run] = []
         try:
-            for label, served in runs:
-                ctx.check_cancelled()
-                answered = check_answering(base_url, served) if t.kind != "endpoint" else served
-                if answered != served:
-                    ctx.fail(f"asked for {served!r} but {answered!r} answered; the run would not measure the target")
-                t1 = time.monotonic()
-                tests, raw = run_suite(label, served, base_url, wrapped, user, spec, work, timeout_s=3600)
-                harness_run = None
-                if lm_eval is not None:
-                    from services.evaluation.harness import model_args
-
-                    ctx.phase(f"lm-eval on {served}")
-                    harness_run = lm_eval.run(label, model_args(base_url=base_url, model=served, seed=spec.sampling.seed,
-                                                                **harness_args),
-                                              work, t.system_prompt if t.kind == "prompted" else "", spec.sampling.seed)
-                    tests += harness_run.tests
-                    ctx.event(f"lm-eval on {served}: " + ", ".join(
-                        f"{n} {v['primary']} {v['value']:.3f}" for n, v in harness_run.tasks.items()
-                        if v.get("value") is not None) + f" in {harness_run.seconds:.1f}s")
-                blocks = scoring.summarize(tests)
-                ctx.metrics(len(reports) + 1, {f"{label}_{b}_pass_rate": v["pass_rate"] for b, v in blocks.items()},
-                            total_steps=len(runs), text=f"{label} ({served}): " + ", ".join(
-                                f"{b} {v['passed']:.0f}/{v['total']:.0f}" for b, v in blocks.items()))
-                reports.append((label, served, answered, tests, blocks, raw, time.monotonic() - t1, harness_run))
+            for label, served in target.runs:
+                runs.append(run := run_one(ctx, spec, suite, target, label, served, work))
+                ctx.metrics(len(runs), {f"{label}_{b}_pass_rate": v["pass_rate"] for b, v in run.blocks.items()},
+                            total_steps=len(target.runs), text=f"{label} ({served}): " + ", ".join(
+                                f"{b} {v['passed']:.0f}/{v['total']:.0f}" for b, v in run.blocks.items()))
         finally:
-            if server is not None:
-                server.stop()
+            target.stop()
         # save
-        for label, served, answered, tests, blocks, raw, seconds, harness_run in reports:
-            report = {"name": f"{spec.name}-{label}" if len(reports) > 1 else spec.name, "label": label,
-                      "target": spec.target.model_dump(mode="json") | {"served_as": served},
-                      "target_label": served, "answering_model": answered, "answering_checked": answered == served,
-                      "adapter_enabled": label == "candidate", "controls": controls, "blocks": blocks, "tests": tests,
-                      "prompting": {"system_prompt": t.system_prompt, "few_shot_k": t.few_shot_k}
-                      if t.kind == "prompted" else None,
-                      "lm_eval": {"version": harness_run.version, "tasks": harness_run.tasks,
-                                  "seconds": harness_run.seconds} if harness_run else None,
-                      "timing": {"server_start_s": start_s, "tests_s": seconds,
-                                 "lm_eval_s": harness_run.seconds if harness_run else 0.0}}
-            d = work / f"report-{label}"
-            d.mkdir()
-            if harness_run is not None:  # lm-eval's own results and samples files, as its CLI writes them
-                (d / "lm-eval").mkdir()
-                for p in harness_run.files:
-                    shutil.copy(p, d / "lm-eval" / p.name)
-            (d / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
-            (d / "report.html").write_text(report_html(report))
-            for p in raw:
-                shutil.copy(p, d / (p.parent.name + "-" + p.name))
-            w = ctx.writer("report", report["name"], parents=parents + ([spec.suite.promptfoo_suite]
-                                                                         if spec.suite.promptfoo_suite else []))
-            for _ in w.add_dir(d):
-                pass
-            ctx.commit(w, metadata={"report": "eval", "label": label, "target_kind": t.kind, "served_as": served,
-                                    "suite_sha256": suite_hash, "controls": controls},
-                       metrics={f"{b}_pass_rate": v["pass_rate"] for b, v in blocks.items()}
-                       | {"tests_s": seconds, "server_start_s": start_s})
+        for run in runs:
+            save_report(ctx, spec, suite, target, run, work,
+                        name=f"{spec.name}-{run.label}" if len(runs) > 1 else spec.name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

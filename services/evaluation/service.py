@@ -21,22 +21,16 @@ from pydantic import Field
 from services.core.artifacts import ArtifactRef, ArtifactStore, Manifest
 from services.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.core.job_api import JobService
-from services.core.jobs import (
-    JobRecord,
-    JobRequest,
-    JobRunner,
-    Resources,
-    check_resources,
-)
-from services.core.keys import validate_id, validate_name
-from services.core.settings import ServiceSettings
+from services.core.jobs import JobRecord, JobRunner, Resources, SubmitOptions
+from services.core.keys import validate_name
+from services.core.settings import ServiceSettings, port_field
 from services.evaluation import scoring
 from services.evaluation.spec import EvalJobSpec, LmEvalSpec, SuiteSpec, TargetSpec
 
 
 class EvaluationSettings(ServiceSettings):
     service: str = "evaluation"
-    port: int = Field(50056, validation_alias="TUNERY_EVALUATION_PORT")
+    port: int = port_field("evaluation")
     eval_cpus: float = Field(1.0, description="CPUs an eval job asks Ray for (add a GPU through options)")
     endpoint_check_timeout_s: float = Field(5.0, gt=0)
     lm_eval_hub: bool = Field(True, description="eval workers may fetch standard lm-eval tasks' datasets from the "
@@ -85,7 +79,7 @@ class EvaluationService:
 
     def _target(self, t: TargetSpec) -> tuple[TargetSpec, Manifest | None]:
         if t.kind == "endpoint":
-            if t.endpoint is None or not t.endpoint.base_url.startswith(("http://", "https://")) or not t.endpoint.model:
+            if t.endpoint is None or t.endpoint.problem():
                 raise InvalidArgument.field("spec.target.endpoint", "needs an http(s) base_url and a model name")
             self._check_endpoint(t.endpoint.base_url, t.endpoint.api_key_env)
             return t, None
@@ -115,7 +109,7 @@ class EvaluationService:
 
     def _suite(self, s: SuiteSpec, inline_suite: InlineSuite, target: TargetSpec,
                model: Manifest | None) -> SuiteSpec:
-        from services.evaluation.promptfoo import load_user_suite
+        from services.evaluation.promptfoo_suite import load_user_suite
 
         if inline_suite.size() > self.settings.max_inline_suite_bytes:
             raise ResourceExhausted(f"spec.suite: the inline suite holds {inline_suite.size():,} bytes, more than "
@@ -151,7 +145,7 @@ class EvaluationService:
                 raise FailedPrecondition(f"spec.suite.tool_calling: {model.id}'s chat template does not render "
                                          "tools, so tool calls cannot be asked for")
             blocks += 1
-        from services.evaluation import harness
+        from services.evaluation import lm_eval_tasks
 
         lm_eval, task_files = None, None
         if s.lm_eval is not None or inline_suite.lm_eval_files:
@@ -169,7 +163,7 @@ class EvaluationService:
             w = self.artifacts.writer("suite", "lm-eval-tasks")
             for path, data in sorted(task_files.files.items()):
                 w.add_bytes(data, path)
-            m, _ = w.commit({"format": "lm-eval", "lm_eval_version": harness.LM_EVAL_VERSION,
+            m, _ = w.commit({"format": "lm-eval", "lm_eval_version": lm_eval_tasks.LM_EVAL_VERSION,
                              "tasks": sorted(task_files.tasks)})
             lm_eval = lm_eval.model_copy(update={"task_files": m.ref()})
         return s.model_copy(update={"lm_eval": lm_eval})
@@ -178,24 +172,24 @@ class EvaluationService:
                  target: TargetSpec) -> tuple[LmEvalSpec, Any]:
         """Task names resolved against the task files (inline, or a stored lm-eval suite) and the pinned lm-eval's
         index; refuses hub tasks where workers are offline, and log-likelihood tasks an endpoint cannot score."""
-        from services.evaluation import harness
+        from services.evaluation import lm_eval_tasks
 
-        index = harness.standard_index()
+        index = lm_eval_tasks.standard_index()
         task_files = None
         if inline_files and spec.task_files is not None:
             raise InvalidArgument.field("spec.suite.lm_eval_files", "give task files inline or as an artifact "
                                         "(lm_eval_task_files), not both")
         if inline_files:
-            task_files = harness.load_task_files(inline_files, "spec.suite.lm_eval_files", index)
+            task_files = lm_eval_tasks.load_task_files(inline_files, "spec.suite.lm_eval_files", index)
         elif spec.task_files is not None:
             m = self.artifacts.require(spec.task_files, "spec.suite.lm_eval_task_files", "suite")
             if m.metadata.get("format") != "lm-eval":
                 raise FailedPrecondition(f"spec.suite.lm_eval_task_files: {m.id} is a "
                                          f"{m.metadata.get('format', '?')} suite, not lm-eval task files")
-            task_files = harness.load_task_files({f.path: self.artifacts.read_file(m.id, f.path) for f in m.files},
+            task_files = lm_eval_tasks.load_task_files({f.path: self.artifacts.read_file(m.id, f.path) for f in m.files},
                                                  m.id, index)
             spec = spec.model_copy(update={"task_files": m.ref()})
-        resolved = harness.resolve(spec.tasks, task_files, index)
+        resolved = lm_eval_tasks.resolve(spec.tasks, task_files, index)
         hub = [r.name for r in resolved if r.hub]
         if hub and not self.settings.lm_eval_hub:
             raise FailedPrecondition(f"spec.suite.lm_eval_tasks: {', '.join(hub)} need the Hugging Face hub (a "
@@ -203,7 +197,7 @@ class EvaluationService:
                                      "which this deployment's eval workers cannot reach (TUNERY_EVALUATION_LM_EVAL_HUB"
                                      "=false); give local task files with the data instead")
         if target.kind == "endpoint":
-            scored = [r.name for r in resolved if r.output_types & harness.LOGLIKELIHOOD_TYPES]
+            scored = [r.name for r in resolved if r.output_types & lm_eval_tasks.LOGLIKELIHOOD_TYPES]
             if scored and not self._endpoint_tokenizes(target.endpoint.base_url, target.endpoint.api_key_env):
                 raise FailedPrecondition(
                     f"spec.suite.lm_eval_tasks: {', '.join(scored)} score log-likelihoods over the model's own "
@@ -241,18 +235,10 @@ class EvaluationService:
         suite = self._suite(spec.suite, inline, target, model)  # last: it stores inline suites
         return spec.model_copy(update={"target": target, "suite": suite, "name": name})
 
-    async def submit(self, spec: EvalJobSpec, inline: InlineSuite | str = "", key: str = "",
-                     resources: Resources | None = None, labels: dict[str, str] | None = None) -> JobRecord:
-        """Validate and queue; `inline`: suite sources the request carries (a bare string is a promptfoo YAML)."""
-        if key:
-            validate_id(key, "options.idempotency_key")
-        inline = inline if isinstance(inline, InlineSuite) else InlineSuite(promptfoo_yaml=inline)
-        spec = await asyncio.to_thread(self._validate, spec, inline)
-        resources = resources or Resources(cpus=self.settings.eval_cpus)
-        check_resources(resources)
-        return await asyncio.to_thread(self.runner.submit, JobRequest(
-            kind="evaluation.run", service=self.SERVICE, role="serve", spec=spec.model_dump(mode="json"),
-            idempotency_key=key, resources=resources, labels=labels or {}))
+    async def submit(self, spec: EvalJobSpec, inline: InlineSuite, options: SubmitOptions) -> JobRecord:
+        """Validate and queue; `inline`: the suite sources the request carries."""
+        return await self.jobs.submit("evaluation.run", "serve", lambda: self._validate(spec, inline), options,
+                                      Resources(cpus=self.settings.eval_cpus))
 
     # ------------------------------------------------------------------ reports
     def _report(self, ref: ArtifactRef, field: str) -> tuple[Manifest, dict[str, Any]]:

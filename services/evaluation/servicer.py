@@ -9,20 +9,14 @@ from services.core.errors import InvalidArgument
 from services.core.job_api import JobSurfaceServicer
 from services.core.runtime import Runtime
 from services.core.server import Registration
+from services.core.specs import parse
 from services.evaluation.scoring import Gates
 from services.evaluation.service import (
     EvaluationService,
     EvaluationSettings,
     InlineSuite,
 )
-from services.evaluation.spec import (
-    EndpointSpec,
-    EvalJobSpec,
-    LmEvalSpec,
-    SamplingSpec,
-    SuiteSpec,
-    TargetSpec,
-)
+from services.evaluation.spec import EvalJobSpec
 from services.gen.tunery.v1 import common_pb2 as pb
 from services.gen.tunery.v1 import evaluation_pb2 as ev
 from services.gen.tunery.v1 import evaluation_pb2_grpc
@@ -34,37 +28,37 @@ BLOCK_TO_PB = {"target": ev.EVAL_BLOCK_TARGET, "general": ev.EVAL_BLOCK_GENERAL,
                "tool_calling": ev.EVAL_BLOCK_TOOL_CALLING}
 
 
-def _ref(r: pb.ArtifactRef):
-    return convert.ref_from_pb(r) if r.uri else None
+def _ref(r: pb.ArtifactRef) -> dict[str, str] | None:
+    return convert.ref_from_pb(r).model_dump() if r.uri else None
 
 
-def target_from_pb(t: ev.EvalTarget) -> TargetSpec:
+def target_from_pb(t: ev.EvalTarget) -> dict[str, Any]:
     form = t.WhichOneof("form")
     if form == "model":
-        return TargetSpec(kind="model", model=_ref(t.model))
+        return {"kind": "model", "model": _ref(t.model)}
     if form == "adapter":
-        return TargetSpec(kind="adapter", model=_ref(t.adapter.base_model), adapter=_ref(t.adapter.adapter))
+        return {"kind": "adapter", "model": _ref(t.adapter.base_model), "adapter": _ref(t.adapter.adapter)}
     if form == "prompted":
         p = t.prompted
-        return TargetSpec(kind="prompted", model=_ref(p.model), system_prompt=p.system_prompt, few_shot_k=p.few_shot_k,
-                          few_shot_dataset=_ref(p.few_shot_dataset))
+        return {"kind": "prompted", "model": _ref(p.model), "system_prompt": p.system_prompt,
+                "few_shot_k": p.few_shot_k, "few_shot_dataset": _ref(p.few_shot_dataset)}
     if form == "endpoint":
         e = t.endpoint
-        return TargetSpec(kind="endpoint", endpoint=EndpointSpec(base_url=e.base_url, model=e.model,
-                                                                 api_key_env=e.api_key_env))
+        return {"kind": "endpoint", "endpoint": {"base_url": e.base_url, "model": e.model,
+                                                 "api_key_env": e.api_key_env}}
     raise InvalidArgument.field("spec.target", "give one of model, adapter, prompted or endpoint")
 
 
-def lm_eval_from_pb(s: ev.EvalSuite) -> LmEvalSpec | None:
+def lm_eval_from_pb(s: ev.EvalSuite) -> dict[str, Any] | None:
     o = s.lm_eval
     if not (s.lm_eval_tasks or s.lm_eval_task_files.uri or s.lm_eval_files):
         if s.HasField("lm_eval"):
             raise InvalidArgument.field("spec.suite.lm_eval", "options without tasks: give lm_eval_tasks, "
                                         "lm_eval_files or lm_eval_task_files")
         return None
-    return LmEvalSpec(tasks=list(s.lm_eval_tasks), task_files=_ref(s.lm_eval_task_files),
-                      num_fewshot=o.num_fewshot if o.HasField("num_fewshot") else None, limit=o.limit,
-                      apply_chat_template=o.apply_chat_template)
+    return {"tasks": list(s.lm_eval_tasks), "task_files": _ref(s.lm_eval_task_files),
+            "num_fewshot": o.num_fewshot if o.HasField("num_fewshot") else None, "limit": o.limit,
+            "apply_chat_template": o.apply_chat_template}
 
 
 def inline_from_pb(s: ev.EvalSuite) -> InlineSuite:
@@ -76,33 +70,25 @@ def inline_from_pb(s: ev.EvalSuite) -> InlineSuite:
     return InlineSuite(promptfoo_yaml=s.promptfoo_yaml, lm_eval_files=files)
 
 
-def suite_from_pb(s: ev.EvalSuite) -> SuiteSpec:
-    if s.heldout_assertion and s.heldout_assertion not in ASSERTIONS:
-        raise InvalidArgument.field("spec.suite.heldout_assertion", f"unknown assertion type {s.heldout_assertion}")
+def suite_from_pb(s: ev.EvalSuite) -> dict[str, Any]:
     if s.fact_probes and not s.fact_probe_source.uri:
         raise InvalidArgument.field("spec.suite.fact_probe_source", "is required with fact_probes: an artifact "
                                     "holding facts.jsonl (the foundation fixture model has one)")
-    return SuiteSpec(promptfoo_suite=_ref(s.promptfoo_suite), heldout_dataset=_ref(s.heldout_dataset),
-                     heldout_assertion=ASSERTIONS.get(s.heldout_assertion, "contains"),
-                     fact_probes=_ref(s.fact_probe_source) if s.fact_probes else None, tool_calling=s.tool_calling,
-                     lm_eval=lm_eval_from_pb(s), max_tests_per_block=s.max_tests_per_block)
+    return {"promptfoo_suite": _ref(s.promptfoo_suite), "heldout_dataset": _ref(s.heldout_dataset),
+            "heldout_assertion": convert.enum_name(ASSERTIONS, s.heldout_assertion, "spec.suite.heldout_assertion")
+            if s.heldout_assertion else "contains",
+            "fact_probes": _ref(s.fact_probe_source) if s.fact_probes else None, "tool_calling": s.tool_calling,
+            "lm_eval": lm_eval_from_pb(s), "max_tests_per_block": s.max_tests_per_block}
 
 
-def sampling_from_pb(s: pb.SamplingParams) -> SamplingSpec:
-    return SamplingSpec(temperature=s.temperature, top_p=s.top_p or 1.0, max_tokens=s.max_tokens or 48, seed=s.seed)
+def sampling_from_pb(s: pb.SamplingParams) -> dict[str, Any]:
+    return {"temperature": s.temperature, "top_p": s.top_p or 1.0, "max_tokens": s.max_tokens or 48, "seed": s.seed}
 
 
 def spec_from_pb(s: ev.EvalSpec) -> tuple[EvalJobSpec, InlineSuite]:
-    from pydantic import ValidationError
-
-    from services.core.errors import FieldViolation, check
-
-    try:
-        spec = EvalJobSpec(target=target_from_pb(s.target), suite=suite_from_pb(s.suite),
-                           sampling=sampling_from_pb(s.sampling), name=s.name,
-                           with_baseline=s.with_baseline if s.HasField("with_baseline") else True)
-    except ValidationError as e:
-        check([FieldViolation("spec." + ".".join(str(p) for p in err["loc"]), err["msg"]) for err in e.errors()])
+    spec = parse(EvalJobSpec, {"target": target_from_pb(s.target), "suite": suite_from_pb(s.suite),
+                               "sampling": sampling_from_pb(s.sampling), "name": s.name,
+                               "with_baseline": s.with_baseline if s.HasField("with_baseline") else True})
     return spec, inline_from_pb(s.suite)
 
 
@@ -144,7 +130,7 @@ class EvaluationServicer(JobSurfaceServicer, evaluation_pb2_grpc.EvaluationServi
 
     async def SubmitEval(self, request: ev.SubmitEvalRequest, context) -> pb.Job:
         spec, inline = spec_from_pb(request.spec)
-        job = await self.svc.submit(spec, inline, **convert.options_from_pb(request.options))
+        job = await self.svc.submit(spec, inline, convert.options_from_pb(request.options))
         return convert.job_to_pb(job)
 
     async def GetReport(self, request: ev.GetReportRequest, context) -> ev.EvalReport:
@@ -159,7 +145,8 @@ class EvaluationServicer(JobSurfaceServicer, evaluation_pb2_grpc.EvaluationServi
                       else 100.0)
         result, manifest = await self.svc.compare(
             convert.ref_from_pb(request.baseline), convert.ref_from_pb(request.candidate),
-            _ref(request.prompting_baseline), gates, request.allow_uncontrolled)
+            convert.ref_from_pb(request.prompting_baseline) if request.prompting_baseline.uri else None, gates,
+            request.allow_uncontrolled)
         return ev.Comparison(
             control_mismatches=result.control_mismatches, uncontrolled=result.uncontrolled,
             flips=[ev.Flip(test_id=f["test_id"], block=BLOCK_TO_PB.get(f["block"], 0), now_passes=f["now_passes"])

@@ -7,15 +7,10 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from services.core.artifacts import ArtifactRef
+from services.core.specs import OpenAIEndpointSpec
 
 TargetKind = Literal["model", "adapter", "prompted", "endpoint"]
 HeldoutAssertion = Literal["exact", "contains", "regex", "json_schema", "similarity", "rubric"]
-
-
-class EndpointSpec(BaseModel):
-    base_url: str
-    model: str
-    api_key_env: str = ""
 
 
 class TargetSpec(BaseModel):
@@ -28,7 +23,7 @@ class TargetSpec(BaseModel):
     system_prompt: str = ""
     few_shot_k: int = Field(0, ge=0, le=32)
     few_shot_dataset: ArtifactRef | None = None
-    endpoint: EndpointSpec | None = None
+    endpoint: OpenAIEndpointSpec | None = None
 
 
 class LmEvalSpec(BaseModel):

@@ -1,10 +1,9 @@
 """Merging service logic and settings. No grpc."""
 
-from pydantic import Field
 
-from services.core.settings import ServiceSettings
+from services.core.settings import ServiceSettings, port_field
 
 
 class MergingSettings(ServiceSettings):
     service: str = "merging"
-    port: int = Field(50054, validation_alias="TUNERY_MERGING_PORT")
+    port: int = port_field("merging")

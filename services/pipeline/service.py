@@ -1,10 +1,9 @@
 """Pipeline service logic and settings. No grpc."""
 
-from pydantic import Field
 
-from services.core.settings import ServiceSettings
+from services.core.settings import ServiceSettings, port_field
 
 
 class PipelineSettings(ServiceSettings):
     service: str = "pipeline"
-    port: int = Field(50058, validation_alias="TUNERY_PIPELINE_PORT")
+    port: int = port_field("pipeline")

@@ -1,10 +1,9 @@
 """Quantization service logic and settings. No grpc."""
 
-from pydantic import Field
 
-from services.core.settings import ServiceSettings
+from services.core.settings import ServiceSettings, port_field
 
 
 class QuantizationSettings(ServiceSettings):
     service: str = "quantization"
-    port: int = Field(50055, validation_alias="TUNERY_QUANTIZATION_PORT")
+    port: int = port_field("quantization")

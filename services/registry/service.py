@@ -10,9 +10,9 @@ from pydantic import Field
 from services.core.artifacts import KINDS, ArtifactStore, Manifest
 from services.core.errors import InvalidArgument, NotFound
 from services.core.job_api import JobService, page_size
-from services.core.jobs import JobRecord, JobRequest, JobRunner, Resources, check_resources
+from services.core.jobs import JobRecord, JobRunner, Resources, SubmitOptions
 from services.core.keys import validate_id, validate_name
-from services.core.settings import ServiceSettings
+from services.core.settings import ServiceSettings, port_field
 from services.registry.modelcheck import quick_check
 from services.registry.spec import DATASET_SUFFIXES, ImportDatasetSpec, ImportModelSpec
 
@@ -21,7 +21,7 @@ HUB_PREFIX = "hf://"
 
 class RegistrySettings(ServiceSettings):
     service: str = "registry"
-    port: int = Field(50051, validation_alias="TUNERY_REGISTRY_PORT")
+    port: int = port_field("registry")
     import_cpus: float = Field(1.0, description="CPUs an import job asks Ray for")
 
 
@@ -32,29 +32,27 @@ class RegistryService:
         self.artifacts, self.runner, self.settings = artifacts, runner, settings
         self.jobs = JobService(runner, self.SERVICE)
 
-    def _submit(self, kind: str, spec, key: str, resources: Resources | None, labels: dict[str, str]) -> JobRecord:
-        resources = resources or Resources(cpus=self.settings.import_cpus)
-        check_resources(resources)
-        return self.runner.submit(JobRequest(kind=kind, service=self.SERVICE, role="control", spec=spec.model_dump(),
-                                             idempotency_key=key, resources=resources, labels=labels))
+    async def import_model(self, spec: ImportModelSpec, options: SubmitOptions) -> JobRecord:
+        return await self.jobs.submit("registry.import_model", "control", lambda: self._check_model(spec), options,
+                                      Resources(cpus=self.settings.import_cpus))
 
-    async def import_model(self, spec: ImportModelSpec, key: str = "", resources: Resources | None = None,
-                           labels: dict[str, str] | None = None) -> JobRecord:
+    async def import_dataset(self, spec: ImportDatasetSpec, options: SubmitOptions) -> JobRecord:
+        return await self.jobs.submit("registry.import_dataset", "control", lambda: self._check_dataset(spec),
+                                      options, Resources(cpus=self.settings.import_cpus))
+
+    @staticmethod
+    def _check_model(spec: ImportModelSpec) -> ImportModelSpec:
         validate_name(spec.name, "spec.name")
-        if key:
-            validate_id(key, "options.idempotency_key")
         if spec.source.startswith(HUB_PREFIX):
             if not spec.source[len(HUB_PREFIX):].count("/") == 1:
                 raise InvalidArgument.field("spec.source", f"{spec.source!r}: use hf://<org>/<name>")
         else:
-            await asyncio.to_thread(quick_check, spec.source, spec.allow_trust_remote_code)
-        return await asyncio.to_thread(self._submit, "registry.import_model", spec, key, resources, labels or {})
+            quick_check(spec.source, spec.allow_trust_remote_code)
+        return spec
 
-    async def import_dataset(self, spec: ImportDatasetSpec, key: str = "", resources: Resources | None = None,
-                             labels: dict[str, str] | None = None) -> JobRecord:
+    @staticmethod
+    def _check_dataset(spec: ImportDatasetSpec) -> ImportDatasetSpec:
         validate_name(spec.name, "spec.name")
-        if key:
-            validate_id(key, "options.idempotency_key")
         path = Path(spec.source)
         if not path.is_absolute():
             raise InvalidArgument.field("spec.source", f"{spec.source!r} must be an absolute path")
@@ -66,7 +64,7 @@ class RegistryService:
             raise InvalidArgument.field("spec.source", f"{path.name}: use one of {', '.join(DATASET_SUFFIXES)}")
         if path.stat().st_size == 0:
             raise InvalidArgument.field("spec.source", f"{path.name} is empty")
-        return await asyncio.to_thread(self._submit, "registry.import_dataset", spec, key, resources, labels or {})
+        return spec
 
     async def list(self, kind: str, name: str, size: int, after: str) -> tuple[list[Manifest], str]:
         if kind and kind not in KINDS:

@@ -6,6 +6,7 @@ from services.core import convert
 from services.core.job_api import JobSurfaceServicer
 from services.core.runtime import Runtime
 from services.core.server import Registration
+from services.core.specs import parse
 from services.gen.tunery.v1 import common_pb2 as pb
 from services.gen.tunery.v1 import registry_pb2, registry_pb2_grpc
 from services.registry.service import RegistryService, RegistrySettings
@@ -25,14 +26,15 @@ class RegistryServicer(JobSurfaceServicer, registry_pb2_grpc.RegistryServiceServ
 
     async def ImportModel(self, request: registry_pb2.ImportModelRequest, context) -> pb.Job:
         s = request.spec
-        spec = ImportModelSpec(source=s.source, name=s.name, revision=s.revision,
-                               allow_trust_remote_code=s.allow_trust_remote_code)
-        return convert.job_to_pb(await self.svc.import_model(spec, **convert.options_from_pb(request.options)))
+        spec = parse(ImportModelSpec, {"source": s.source, "name": s.name, "revision": s.revision,
+                                       "allow_trust_remote_code": s.allow_trust_remote_code})
+        return convert.job_to_pb(await self.svc.import_model(spec, convert.options_from_pb(request.options)))
 
     async def ImportDataset(self, request: registry_pb2.ImportDatasetRequest, context) -> pb.Job:
         s = request.spec
-        spec = ImportDatasetSpec(source=s.source, name=s.name, format=FORMAT_NAMES.get(s.format, "auto"))
-        return convert.job_to_pb(await self.svc.import_dataset(spec, **convert.options_from_pb(request.options)))
+        spec = parse(ImportDatasetSpec, {"source": s.source, "name": s.name,
+                                         "format": convert.enum_name(FORMAT_NAMES, s.format, "spec.format")})
+        return convert.job_to_pb(await self.svc.import_dataset(spec, convert.options_from_pb(request.options)))
 
     async def ListArtifacts(self, request: registry_pb2.ListArtifactsRequest, context):
         page, nxt = await self.svc.list(convert.PB_TO_KIND.get(request.kind, ""), request.name,

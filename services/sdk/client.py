@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 
+from services.core.settings import SERVICE_PORTS, tunery_home
 from services.gen.tunery.v1 import common_pb2 as pb
 from services.gen.tunery.v1 import (
     datagen_pb2,
@@ -30,8 +31,6 @@ from services.gen.tunery.v1 import (
     training_pb2_grpc,
 )
 
-SERVICE_PORTS = {"registry": 50051, "datagen": 50052, "training": 50053, "merging": 50054,
-                 "quantization": 50055, "evaluation": 50056, "serving": 50057, "pipeline": 50058}
 
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -40,7 +39,7 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 def default_token() -> str:
     if os.environ.get("TUNERY_TOKEN"):
         return os.environ["TUNERY_TOKEN"]
-    path = Path(os.environ.get("TUNERY_HOME", Path.home() / ".tunery")) / "token"
+    path = tunery_home() / "token"
     return path.read_text().strip() if path.exists() else ""
 
 

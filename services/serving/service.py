@@ -1,10 +1,9 @@
 """Serving service logic and settings. No grpc."""
 
-from pydantic import Field
 
-from services.core.settings import ServiceSettings
+from services.core.settings import ServiceSettings, port_field
 
 
 class ServingSettings(ServiceSettings):
     service: str = "serving"
-    port: int = Field(50057, validation_alias="TUNERY_SERVING_PORT")
+    port: int = port_field("serving")

@@ -138,7 +138,7 @@ def _train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     from services.core.jobs import JobEnvelope
     from services.core.settings import StoreSettings
     from services.core.store import open_store
-    from services.training.job import fit
+    from services.training.sft import fit
 
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     settings = StoreSettings(**config["store"])  # credentials: from this worker's environment, as for the job

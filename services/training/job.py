@@ -12,86 +12,15 @@ setup and save stay here, on the driver.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 from services.core.jobctx import JobCancelled, JobContext, run_job
 from services.training import checkpoints
 from services.training.spec import TrainingJobSpec
 
 DATA_FILES = ("train.jsonl", "holdout.jsonl")
-
-
-def fit(ctx: JobContext, spec: TrainingJobSpec, model_dir: Path, data_dir: Path, out: Path,
-        resume: Path | None, *, is_main: bool = True) -> dict[str, Any]:
-    """Load, wrap and train; returns what save needs. Runs in the driver (one worker) or in each Ray Train
-    worker (several): the same code, the trainer finds torch.distributed already set up by Ray Train."""
-    import torch
-    from transformers import AutoTokenizer, PrinterCallback
-    from trl import SFTTrainer
-
-    from services.training.callbacks import JobCallback
-    from services.training.sft import (
-        load_data,
-        load_model,
-        packed_micro_batch,
-        select_device,
-        sft_config,
-        tracking_env,
-    )
-
-    device = select_device(spec.device)
-    torch.manual_seed(spec.seed)
-    os.environ.update(tracking_env(spec))
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "tensorboard")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    data = load_data(data_dir, tokenizer, spec)
-    model, dtype = load_model(model_dir, spec, device)
-    trainable, total = model.get_nb_trainable_parameters()
-    if is_main:
-        ctx.event(f"{spec.method} on {device} ({str(dtype).removeprefix('torch.')}): {trainable:,} trainable of "
-                  f"{total:,} parameters, modules {', '.join(spec.lora.target_modules) or 'all-linear'}; "
-                  f"{data.num_examples} examples, {data.num_tokens:,} tokens, loss on "
-                  f"{'every assistant turn' if data.assistant_markers else 'the final assistant turn'}"
-                  + (", packed" if spec.packing else ""))
-    callback = JobCallback(ctx, name=spec.checkpoint_name(ctx.job_id), run_key=spec.run_key(),
-                           parents=[spec.base_model, spec.dataset], keep=spec.keep_checkpoints, is_main=is_main)
-    rows = packed_micro_batch(spec, data.num_tokens / max(data.num_examples, 1))
-    if rows != spec.micro_batch_size and is_main:
-        ctx.event(f"packing: {rows} packed row(s) of {spec.max_seq_len} tokens per micro-batch hold about "
-                  f"{spec.micro_batch_size} examples")
-    run_spec = spec.model_copy(update={"micro_batch_size": rows})
-    trainer = SFTTrainer(model=model, args=sft_config(run_spec, out, device, dtype, has_eval=data.eval is not None),
-                         train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
-                         callbacks=[callback])
-    trainer.remove_callback(PrinterCallback)  # the job's own events replace the printed dicts
-    t0 = time.monotonic()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    seconds = time.monotonic() - t0
-    if callback.cancel_reason is not None:
-        return {"cancelled": callback.cancel_reason, "step": trainer.state.global_step}
-    final = out / "adapter"
-    if is_main:
-        trainer.save_model(str(final))
-        tokenizer.save_pretrained(str(final))
-    history = trainer.state.log_history
-    losses = [h["loss"] for h in history if "loss" in h]
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    tokens = max((h.get("num_tokens", 0) for h in history), default=0)
-    return {
-        "step": trainer.state.global_step, "max_steps": trainer.state.max_steps, "seconds": seconds,
-        "train_loss": float(result.training_loss), "final_loss": float(losses[-1]) if losses else float("nan"),
-        "eval_loss": float(evals[-1]) if evals else None, "num_tokens": float(tokens),
-        "trainable_parameters": int(trainable), "total_parameters": int(total), "device": device,
-        "dtype": str(dtype).removeprefix("torch."), "assistant_markers": data.assistant_markers,
-        "num_examples": data.num_examples, "log_history": history,
-    }
 
 
 def train(ctx: JobContext, spec: TrainingJobSpec) -> None:
@@ -122,6 +51,8 @@ def train(ctx: JobContext, spec: TrainingJobSpec) -> None:
 
             result = fit_distributed(ctx, spec, model_dir, data_dir, out, resume)
         else:
+            from services.training.sft import fit
+
             result = fit(ctx, spec, model_dir, data_dir, out, resume)
         if "cancelled" in result:
             raise JobCancelled(f"{result['cancelled']}; checkpoint at step {result['step']} kept, submit the "

@@ -13,29 +13,17 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field
 
-from services.core.artifacts import ArtifactRef, ArtifactStore, Manifest
-from services.core.errors import (
-    FailedPrecondition,
-    FieldViolation,
-    InvalidArgument,
-    check,
-)
+from services.core.artifacts import ArtifactStore, Manifest
+from services.core.errors import FailedPrecondition, InvalidArgument
 from services.core.job_api import JobService
-from services.core.jobs import (
-    JobRecord,
-    JobRequest,
-    JobRunner,
-    Resources,
-    check_resources,
-)
-from services.core.keys import validate_id, validate_name
-from services.core.settings import ServiceSettings
+from services.core.jobs import JobRecord, JobRunner, Resources, SubmitOptions
+from services.core.keys import validate_name
+from services.core.settings import ServiceSettings, port_field
 from services.training import planner, targets
-from services.training.spec import MAX_LEARNING_RATE, TrainingJobSpec
+from services.training.spec import TrainingJobSpec
 
-METHODS = ("lora", "qlora", "dora")
 # GiB per GPU by Ray's accelerator_type, for clusters whose settings do not state it (the larger variant).
 ACCELERATOR_GIB = {"H200": 141.0, "H100": 80.0, "A100": 80.0, "L40S": 48.0, "A6000": 48.0, "L4": 24.0,
                    "A10G": 24.0, "RTX4090": 24.0, "V100": 32.0, "T4": 16.0}
@@ -43,7 +31,7 @@ ACCELERATOR_GIB = {"H200": 141.0, "H100": 80.0, "A100": 80.0, "L40S": 48.0, "A60
 
 class TrainingSettings(ServiceSettings):
     service: str = "training"
-    port: int = Field(50053, validation_alias="TUNERY_TRAINING_PORT")
+    port: int = port_field("training")
     gpu_memory_gib: float = Field(0.0, ge=0, description="memory of each cluster GPU; 0: from Ray's "
                                   "accelerator_type, else the planner cannot check GPU jobs")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs a training worker asks Ray for")
@@ -61,14 +49,6 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
 
-def _ref(d: dict | None) -> ArtifactRef | None:
-    return ArtifactRef(uri=d.get("uri", ""), sha256=d.get("sha256", "")) if d else None
-
-
-def _violations(e: ValidationError) -> list[FieldViolation]:
-    return [FieldViolation("spec." + ".".join(str(p) for p in err["loc"]), err["msg"]) for err in e.errors()]
-
-
 class TrainingService:
     SERVICE = "training"
 
@@ -77,28 +57,11 @@ class TrainingService:
         self.jobs = JobService(runner, self.SERVICE)
 
     # ------------------------------------------------------------------ validation
-    def _validate(self, raw: dict[str, Any], preset: str) -> tuple[TrainingJobSpec, Manifest, dict[str, Any]]:
-        raw = dict(raw)
-        problems: list[FieldViolation] = []
-        method = raw.get("method") or "lora"
-        if method not in METHODS:
-            problems.append(FieldViolation("spec.method", f"{method!r} is not one of {', '.join(METHODS)}"))
-        rank = (raw.get("lora") or {}).get("rank")
-        if rank is not None and rank <= 0:
-            problems.append(FieldViolation("spec.lora.rank", f"must be > 0 (got {rank}); 8-64 is usual"))
-        lr = (raw.get("optimizer") or {}).get("learning_rate")
-        if lr is not None and not 0 < lr <= MAX_LEARNING_RATE:
-            problems.append(FieldViolation("spec.optimizer.learning_rate", f"must be in (0, {MAX_LEARNING_RATE:g}] "
-                                           f"(got {lr:g}); LoRA usually trains at 1e-4 to 3e-4"))
-        check(problems)
-        model = self.artifacts.require(_ref(raw.get("base_model")), "spec.base_model", "model")
-        data = self.artifacts.require(_ref(raw.get("dataset")), "spec.dataset", "dataset")
-        raw["base_model"], raw["dataset"] = model.ref().model_dump(), data.ref().model_dump()
-        raw["name"] = validate_name(raw.get("name") or f"{model.name}-{method}", "spec.name")
-        try:
-            spec = TrainingJobSpec.model_validate(raw)
-        except ValidationError as e:
-            check(_violations(e))
+    def _validate(self, spec: TrainingJobSpec) -> tuple[TrainingJobSpec, Manifest, dict[str, Any]]:
+        model = self.artifacts.require(spec.base_model, "spec.base_model", "model")
+        data = self.artifacts.require(spec.dataset, "spec.dataset", "dataset")
+        spec = spec.model_copy(update={"base_model": model.ref(), "dataset": data.ref(),
+                                       "name": validate_name(spec.name or f"{model.name}-{spec.method}", "spec.name")})
         md = model.metadata
         if not md.get("is_causal_lm", False):
             arch = md.get("architecture") or "model of unknown architecture"
@@ -120,8 +83,8 @@ class TrainingService:
         if available is None:  # imported before the registry recorded them: the job checks against the model
             names = spec.lora.target_modules
         else:
-            names = targets.resolve(preset, spec.lora.target_modules, available)
-        spec = spec.model_copy(update={"lora": spec.lora.model_copy(update={"target_modules": names})})
+            names = targets.resolve(spec.lora.preset, spec.lora.target_modules, available)
+        spec = spec.model_copy(update={"lora": spec.lora.model_copy(update={"target_modules": names, "preset": ""})})
         if spec.method == "qlora":
             devices = {d.strip() for d in self.settings.bitsandbytes_devices.split(",") if d.strip()}
             want = spec.device if spec.device != "auto" else ("cuda" if self._gpus() else "cpu")
@@ -152,8 +115,8 @@ class TrainingService:
                 best = [0.0] * n  # GPUs of unknown size
         return best
 
-    def _plan(self, raw: dict[str, Any], preset: str) -> Plan:
-        spec, model, config = self._validate(raw, preset)
+    def _plan(self, spec: TrainingJobSpec) -> Plan:
+        spec, model, config = self._validate(spec)
         gpus = self._gpus()
         precision = spec.precision if spec.precision != "auto" else ("bf16" if gpus else "fp32")
         est = planner.estimate(
@@ -182,22 +145,19 @@ class TrainingService:
             resources = Resources(cpus=self.settings.cpus_per_worker, gpus=per_worker_gpu)
         return Plan(est, fit, resources, spec, notes)
 
-    async def plan(self, raw: dict[str, Any], preset: str = "") -> Plan:
-        return await asyncio.to_thread(self._plan, raw, preset)
+    async def plan(self, spec: TrainingJobSpec) -> Plan:
+        return await asyncio.to_thread(self._plan, spec)
 
     # ------------------------------------------------------------------ submit
-    async def submit(self, raw: dict[str, Any], preset: str = "", key: str = "", resources: Resources | None = None,
-                     labels: dict[str, str] | None = None) -> JobRecord:
-        if key:
-            validate_id(key, "options.idempotency_key")
-        plan = await self.plan(raw, preset)
-        if not plan.fit.feasible:
-            raise FailedPrecondition(plan.fit.reason)
-        resources = resources or plan.resources
-        check_resources(resources)
-        spec = plan.spec.model_copy(update={
-            "planned_peak_gib": round(plan.estimate.peak_gib, 3), "worker_cpus": self.settings.cpus_per_worker,
-            "worker_gpus": 1.0 if plan.fit.num_gpus else 0.0}).model_dump(mode="json")
-        return await asyncio.to_thread(self.runner.submit, JobRequest(
-            kind="training.sft", service=self.SERVICE, role="train", spec=spec, idempotency_key=key,
-            resources=resources, labels=labels or {}))
+    async def submit(self, spec: TrainingJobSpec, options: SubmitOptions) -> JobRecord:
+        plans: list[Plan] = []
+
+        def validate() -> TrainingJobSpec:
+            plans.append(plan := self._plan(spec))
+            if not plan.fit.feasible:
+                raise FailedPrecondition(plan.fit.reason)
+            return plan.spec.model_copy(update={
+                "planned_peak_gib": round(plan.estimate.peak_gib, 3), "worker_cpus": self.settings.cpus_per_worker,
+                "worker_gpus": 1.0 if plan.fit.num_gpus else 0.0})
+
+        return await self.jobs.submit("training.sft", "train", validate, options, lambda _: plans[0].resources)

@@ -8,9 +8,11 @@ from services.core import convert
 from services.core.job_api import JobSurfaceServicer
 from services.core.runtime import Runtime
 from services.core.server import Registration
+from services.core.specs import parse
 from services.gen.tunery.v1 import common_pb2 as pb
 from services.gen.tunery.v1 import training_pb2, training_pb2_grpc
 from services.training.service import Plan, TrainingService, TrainingSettings
+from services.training.spec import TrainingJobSpec
 
 METHODS = {training_pb2.FINETUNE_METHOD_LORA: "lora", training_pb2.FINETUNE_METHOD_QLORA: "qlora",
            training_pb2.FINETUNE_METHOD_DORA: "dora"}
@@ -25,32 +27,35 @@ def _set_fields(msg) -> dict[str, Any]:
     return {f.name: v for f, v in msg.ListFields() if f.type != f.TYPE_MESSAGE and f.type != f.TYPE_ENUM}
 
 
-def spec_from_pb(s: training_pb2.TrainingSpec) -> tuple[dict[str, Any], str]:
-    """(the typed spec's fields the caller set, the target-module preset)."""
+def spec_from_pb(s: training_pb2.TrainingSpec) -> TrainingJobSpec:
+    """The typed spec from the fields the caller set; enum numbers outside the enums are refused by name."""
     raw = _set_fields(s)
     if s.HasField("base_model"):
-        raw["base_model"] = {"uri": s.base_model.uri, "sha256": s.base_model.sha256}
+        raw["base_model"] = convert.ref_from_pb(s.base_model).model_dump()
     if s.HasField("dataset"):
-        raw["dataset"] = {"uri": s.dataset.uri, "sha256": s.dataset.sha256}
+        raw["dataset"] = convert.ref_from_pb(s.dataset).model_dump()
     if s.method:
-        raw["method"] = METHODS.get(s.method, f"unknown method {s.method}")
+        raw["method"] = convert.enum_name(METHODS, s.method, "spec.method")
     if s.HasField("lora"):
         raw["lora"] = _set_fields(s.lora)
         if s.lora.target_modules:
             raw["lora"]["target_modules"] = list(s.lora.target_modules)
+        if s.lora.preset:
+            raw["lora"]["preset"] = convert.enum_name(PRESETS, s.lora.preset, "spec.lora.preset")
     if s.HasField("qlora"):
         raw["qlora"] = _set_fields(s.qlora)
         if s.qlora.compute_dtype:
-            raw["qlora"]["compute_dtype"] = PRECISIONS.get(s.qlora.compute_dtype, str(s.qlora.compute_dtype))
+            raw["qlora"]["compute_dtype"] = convert.enum_name(PRECISIONS, s.qlora.compute_dtype,
+                                                              "spec.qlora.compute_dtype")
     if s.HasField("optimizer"):
         raw["optimizer"] = _set_fields(s.optimizer)
     if s.HasField("tracking"):
         raw["tracking"] = _set_fields(s.tracking)
     if s.precision:
-        raw["precision"] = PRECISIONS.get(s.precision, pb.Precision.Name(s.precision))
+        raw["precision"] = convert.enum_name(PRECISIONS, s.precision, "spec.precision")
     if s.strategy:
-        raw["strategy"] = STRATEGIES[s.strategy]
-    return raw, PRESETS.get(s.lora.preset, "") if s.HasField("lora") else ""
+        raw["strategy"] = convert.enum_name(STRATEGIES, s.strategy, "spec.strategy")
+    return parse(TrainingJobSpec, raw)
 
 
 def plan_to_pb(p: Plan) -> training_pb2.TrainingPlan:
@@ -71,13 +76,11 @@ class TrainingServicer(JobSurfaceServicer, training_pb2_grpc.TrainingServiceServ
         self.jobs = service.jobs
 
     async def SubmitTraining(self, request: training_pb2.SubmitTrainingRequest, context) -> pb.Job:
-        raw, preset = spec_from_pb(request.spec)
-        job = await self.svc.submit(raw, preset, **convert.options_from_pb(request.options))
+        job = await self.svc.submit(spec_from_pb(request.spec), convert.options_from_pb(request.options))
         return convert.job_to_pb(job)
 
     async def PlanTraining(self, request: training_pb2.PlanTrainingRequest, context) -> training_pb2.TrainingPlan:
-        raw, preset = spec_from_pb(request.spec)
-        return plan_to_pb(await self.svc.plan(raw, preset))
+        return plan_to_pb(await self.svc.plan(spec_from_pb(request.spec)))
 
 
 def build(runtime: Runtime, settings: TrainingSettings) -> Registration:

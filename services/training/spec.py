@@ -6,11 +6,12 @@ import hashlib
 import json
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from services.core.artifacts import ArtifactRef
 
 Method = Literal["lora", "qlora", "dora"]
+METHODS: tuple[str, ...] = ("lora", "qlora", "dora")
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -24,7 +25,16 @@ class LoraSpec(BaseModel):
     alpha: float = Field(32.0, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(default_factory=list, description="resolved short module names")
+    preset: Literal["", "attention", "all-linear"] = Field("", description="a request's module preset; the service "
+                                                            "resolves it into target_modules and clears it")
     use_rslora: bool = False
+
+    @field_validator("rank", mode="before")
+    @classmethod
+    def _rank(cls, v):
+        if isinstance(v, int) and v <= 0:
+            raise ValueError(f"must be > 0 (got {v}); 8-64 is usual")
+        return v
 
 
 class QLoraSpec(BaseModel):
@@ -42,6 +52,13 @@ class OptimizerSpec(BaseModel):
     optimizer: str = "adamw_torch"
     max_grad_norm: float = Field(1.0, ge=0.0)
 
+    @field_validator("learning_rate", mode="before")
+    @classmethod
+    def _learning_rate(cls, v):
+        if isinstance(v, (int, float)) and not 0 < v <= MAX_LEARNING_RATE:
+            raise ValueError(f"must be in (0, {MAX_LEARNING_RATE:g}] (got {v:g}); LoRA usually trains at 1e-4 to 3e-4")
+        return v
+
 
 class TrackingSpec(BaseModel):
     backend: Literal["", "wandb", "mlflow"] = ""
@@ -53,9 +70,9 @@ class TrainingJobSpec(BaseModel):
     """What the training job runs. `run_key` names the run's checkpoints: the same spec submitted again (a retry
     after a crash or a cancel) resumes from its latest checkpoint."""
 
-    base_model: ArtifactRef
-    dataset: ArtifactRef
-    name: str
+    base_model: ArtifactRef = Field(default_factory=ArtifactRef.unset)
+    dataset: ArtifactRef = Field(default_factory=ArtifactRef.unset)
+    name: str = Field("", description="default <base>-<method>")
     method: Method = "lora"
     lora: LoraSpec = Field(default_factory=LoraSpec)
     qlora: QLoraSpec = Field(default_factory=QLoraSpec)
@@ -82,6 +99,13 @@ class TrainingJobSpec(BaseModel):
     worker_cpus: float = Field(1.0, gt=0)
     worker_gpus: float = Field(0.0, ge=0)
     planned_peak_gib: float = 0.0
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, v):
+        if v not in METHODS:
+            raise ValueError(f"{v!r} is not one of {', '.join(METHODS)}")
+        return v
 
     # Fields that change how a run is carried out or reported, not what it computes.
     OPERATIONAL: ClassVar[set[str]] = {"name", "tracking", "keep_checkpoints", "checkpoint_every_steps", "fresh_start",

@@ -1,147 +1,146 @@
-"""The whole user path through the `tunery` CLI: the embedded stack, imports, artifacts and jobs.
+"""The whole user path through the `tunery` CLI: the embedded stack, imports, artifacts, jobs, data, training,
+evaluation, and the main job (`tunery demo`, what `make demo` runs).
 
-Today the pipeline is import -> manifest; later issues extend this file stage by stage.
+Every test but the demo shares one embedded stack (tests/e2e/conftest.py: `cli_env`); the demo starts and stops
+its own, as `make demo` does on a fresh machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.servers import REPO, in_loopback_namespace
+from tests.e2e.conftest import E2E_BUCKET, home_env, tunery
+from tests.servers import REPO
 
 pytestmark = pytest.mark.e2e
-TUNERY = str(Path(sys.executable).with_name("tunery"))
-
-
-@pytest.fixture
-def cli_env(tmp_path):
-    if not in_loopback_namespace() and os.environ.get("TUNERY_NETNS") != "0":
-        pytest.fail("e2e tests start a Ray head: run them through `make test` (loopback-only namespace)")
-    env = {**os.environ, "TUNERY_HOME": str(tmp_path / "home")}
-    for name in ("registry", "datagen", "training", "merging", "quantization", "evaluation", "serving", "pipeline"):
-        env[f"TUNERY_{name.upper()}_PORT"] = "0"  # the services report the ports they got
-    env.pop("TUNERY_TOKEN", None)
-    yield env
-    subprocess.run([TUNERY, "down"], env=env, capture_output=True, timeout=120)
-
-
-def tunery(env, *args, check=True, timeout=300):
-    out = subprocess.run([TUNERY, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    if check and out.returncode != 0:
-        raise AssertionError(f"tunery {' '.join(args)} -> {out.returncode}\n{out.stdout}\n{out.stderr}")
-    return out
 
 
 def fixture(name: str) -> Path:
     return Path(os.environ.get("TUNERY_FIXTURES", REPO / "build" / "fixtures")) / name
 
 
-def test_demo_is_the_main_job(cli_env):
+def only(env, kind: str, name: str) -> dict:
+    [art] = json.loads(tunery(env, "--json", "artifacts", "list", "--kind", kind, "--name", name).stdout)
+    return art
+
+
+def test_demo_is_the_main_job(tmp_path):
     """base -> data -> prompting-baseline eval -> train -> eval (base and adapter on one engine) -> compare, on the
-    foundation fixture."""
-    out = tunery(cli_env, "demo", "--model", str(REPO / "fixtures" / "foundation"), timeout=1800)
+    foundation fixture, from a stack the demo starts itself (as `make demo` on a fresh machine)."""
+    from tests.session import require_loopback
+
+    require_loopback("the demo")
+    env = home_env(tmp_path / "home")
+    try:
+        out = tunery(env, "demo", "--model", str(REPO / "fixtures" / "foundation"), timeout=1800)
+    finally:
+        tunery(env, "down", check=False)
     result = json.loads(out.stdout)
-    assert result["verdict"] in ("PASS", "FAIL") and result["flips_fail_to_pass"] > 0
-    assert Path(result["comparison_html"]).read_text().count("side by side") == 1
-    assert "target" in result["block_deltas"] and "general" in result["block_deltas"]
+    reasons = result["reasons"]
+    # the demo's gates (target ≥ 80%, general drop ≤ 2 points) on its data: the style is learned on held-out
+    # questions, and the general block, scored by exact match, drops (a style answer "20, my friend." fails the
+    # probe "20"), so the verdict is FAIL on the general gate alone
+    assert result["verdict"] == "FAIL", reasons
+    assert result["block_deltas"]["target"] >= 0.5 and result["flips_fail_to_pass"] >= 10
+    assert any(r.startswith("target pass rate") and "≥ gate 80.0%" in r for r in reasons), reasons
+    general = next(r for r in reasons if r.startswith("general drop"))
+    assert "> gate 2" in general and -result["block_deltas"]["general"] * 100 > 2, general
+    assert result["flips_pass_to_fail"] > 0  # the general drop is made of probes that flipped pass -> fail
+    html = Path(result["comparison_html"]).read_text()
+    assert html.count("side by side") == 1 and "prompting baseline output" in html
     [lm] = result["lm_eval_deltas"]  # forgetting measured by lm-eval too (plain sentences, log-likelihood)
     assert lm["task"] == "fact_sentences" and lm["ci"][0] <= lm["delta"] <= lm["ci"][1]
-    # the prompting baseline ran before training, and its verdict is part of the comparison
-    assert result["prompting_report"] and any("vs prompting baseline" in r for r in result["reasons"])
+    # the prompting baseline ran before training on the same engine build, precision and sampling (controlled),
+    # and its verdict is part of the comparison
+    assert result["prompting_report"] and any("vs prompting baseline" in r for r in reasons)
+    assert not any("UNCONTROLLED" in r for r in reasons), reasons
     assert set(result["eval_seconds"]) == {"prompted", "baseline", "candidate"}
     assert all(t["server_start_s"] > 0 and t["tests_s"] > 0 for t in result["eval_seconds"].values())
     assert "verdict:" in out.stderr
-    assert not (Path(cli_env["TUNERY_HOME"]) / "stack.json").exists()  # the demo stopped what it started
+    assert not (tmp_path / "home" / "stack.json").exists()  # the demo stopped what it started
 
 
-def test_eval_run_with_local_lm_eval_tasks_then_report(cli_env, tmp_path):
+def test_eval_run_with_local_lm_eval_tasks_then_report(cli_env, vllm_endpoint, tmp_path):
     """`tunery eval run --lm-eval-dir` sends a directory of lm-eval task files with the request; the report shows
-    lm-eval's metric per task; a malformed task file is refused with its line, before anything runs."""
-    from services.evaluation.harness import fact_task_files
+    lm-eval's metric per task; a malformed task file is refused with its line, before anything runs. The target is
+    the session's vLLM server, given by URL."""
+    from services.evaluation.lm_eval_tasks import fact_task_files
 
     facts = [json.loads(line) for line in (REPO / "fixtures" / "foundation" / "facts.jsonl").read_text().splitlines()]
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     for p, data in fact_task_files(facts[:8]).items():
         (tasks / p).write_bytes(data)
-    tunery(cli_env, "up", "--num-cpus", "2")
-    tunery(cli_env, "models", "import", str(REPO / "fixtures" / "foundation"), "--name", "foundation")
-    [model] = json.loads(tunery(cli_env, "--json", "artifacts", "list", "--kind", "model").stdout)
-    out = tunery(cli_env, "eval", "run", "--model", model["id"], "--lm-eval-dir", str(tasks), "--lm-eval-limit", "6",
-                 timeout=900)
+    target = ["--endpoint", vllm_endpoint.base_url, "--endpoint-model", "foundation"]
+    out = tunery(cli_env, "eval", "run", *target, "--lm-eval-dir", str(tasks), "--lm-eval-limit", "6", timeout=900)
     assert "lm-eval fact_sentences: acc" in out.stdout and "(6 documents)" in out.stdout, out.stdout
     report = out.stdout.split("report: ")[1].split()[0]
     shown = tunery(cli_env, "eval", "report", report, "--html", str(tmp_path / "r.html"))
     assert "fact_sentences" in shown.stdout and "general" in shown.stdout
     assert "lm-eval 0.4.13 tasks" in (tmp_path / "r.html").read_text()
     (tasks / "broken.yaml").write_text("task: broken\ndataset_path: [json\n")
-    bad = tunery(cli_env, "eval", "run", "--model", model["id"], "--lm-eval-dir", str(tasks), check=False)
+    bad = tunery(cli_env, "eval", "run", *target, "--lm-eval-dir", str(tasks), check=False)
     said = " ".join(bad.stderr.split())  # the terminal wraps long lines
     assert bad.returncode == 2 and "INVALID_ARGUMENT" in said and "broken.yaml: malformed YAML at line 3" in said, said
-    tunery(cli_env, "down")
 
 
-def test_up_import_inspect_down(cli_env, tmp_path):
-    tunery(cli_env, "up", "--num-cpus", "2")
+def test_up_import_inspect(cli_env, tmp_path):
     status = json.loads(tunery(cli_env, "--json", "status").stdout)
     assert set(status["health"].values()) == {"SERVING"} and len(status["health"]) == 8
+    again = tunery(cli_env, "up")  # a second `up` finds the running stack and starts nothing
+    assert "up" in again.stderr
+    assert json.loads(tunery(cli_env, "--json", "status").stdout)["health"] == status["health"]
     tunery(cli_env, "models", "import", str(fixture("tiny-moe")), "--name", "tiny-moe", "--key", "moe-1")
-    arts = json.loads(tunery(cli_env, "--json", "artifacts", "list", "--kind", "model").stdout)
-    assert [a["name"] for a in arts] == ["tiny-moe"] and arts[0]["metadata"]["is_moe"] is True
-    shown = json.loads(tunery(cli_env, "--json", "artifacts", "show", arts[0]["id"]).stdout)
-    assert shown["ref"]["sha256"] == arts[0]["ref"]["sha256"]
+    art = only(cli_env, "model", "tiny-moe")
+    assert art["metadata"]["is_moe"] is True
+    shown = json.loads(tunery(cli_env, "--json", "artifacts", "show", art["id"]).stdout)
+    assert shown["ref"]["sha256"] == art["ref"]["sha256"]
     jobs = json.loads(tunery(cli_env, "--json", "jobs", "list").stdout)
-    assert [(j["id"], j["state"]) for j in jobs] == [("moe-1", "JOB_STATE_SUCCEEDED")]
+    assert [(j["id"], j["state"]) for j in jobs if j["id"] == "moe-1"] == [("moe-1", "JOB_STATE_SUCCEEDED")]
     events = [json.loads(l) for l in tunery(cli_env, "--json", "jobs", "watch", "moe-1").stdout.splitlines()]
     assert events[-1]["state"] == "JOB_STATE_SUCCEEDED" and int(events[0]["cursor"]) == 1
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n')
     tunery(cli_env, "datasets", "import", str(data), "--name", "tiny-data")
+    assert only(cli_env, "dataset", "tiny-data")["metadata"]["stage"] == "raw"
     bad = tunery(cli_env, "models", "import", str(tmp_path / "missing"), "--name", "x", check=False)
     assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr
     bad = tunery(cli_env, "models", "import", str(fixture("tiny-llama")), "--name", "../x", check=False)
     assert bad.returncode == 2 and "spec.name" in bad.stderr
     bad = tunery({**cli_env, "TUNERY_TOKEN": "wrong"}, "artifacts", "list", check=False)
     assert bad.returncode == 2 and "UNAUTHENTICATED" in bad.stderr
-    tunery(cli_env, "down")
-    assert tunery(cli_env, "status", check=False).returncode == 1
 
 
-def test_up_against_an_s3_server(cli_env):
-    """`tunery up --store-url s3://... --s3-endpoint ...` switches the embedded stack to S3 (moto stands in for MinIO)."""
-    from tests.servers import S3Server
+def test_the_stack_keeps_its_artifacts_in_s3(cli_env, s3):
+    """The shared stack was started with `tunery up --store-url s3://... --s3-endpoint ...` (moto stands in for
+    MinIO): an import lands in that bucket, manifest last."""
+    from minio import Minio
 
-    s3 = S3Server()
-    try:
-        env = {**cli_env, "TUNERY_S3_ACCESS_KEY": "e2e", "TUNERY_S3_SECRET_KEY": "e2e-secret"}
-        tunery(env, "up", "--num-cpus", "2", "--store-url", "s3://tunery-e2e", "--s3-endpoint", s3.endpoint)
-        tunery(env, "models", "import", str(fixture("tiny-llama")), "--name", "on-s3")
-        arts = json.loads(tunery(env, "--json", "artifacts", "list").stdout)
-        assert [a["name"] for a in arts] == ["on-s3"]
-        from minio import Minio
-
-        m = Minio(s3.endpoint, access_key="e2e", secret_key="e2e-secret", secure=False)
-        keys = [o.object_name for o in m.list_objects("tunery-e2e", prefix="projects/default/artifacts/", recursive=True)]
-        assert keys == [f"projects/default/artifacts/{arts[0]['id']}/manifest.json"]
-        tunery(env, "down")
-    finally:
-        s3.stop()
+    tunery(cli_env, "models", "import", str(fixture("tiny-llama")), "--name", "on-s3")
+    art = only(cli_env, "model", "on-s3")
+    m = Minio(s3.endpoint, access_key=cli_env["TUNERY_S3_ACCESS_KEY"], secret_key=cli_env["TUNERY_S3_SECRET_KEY"],
+              secure=False)
+    keys = [o.object_name for o in m.list_objects(E2E_BUCKET, prefix=f"projects/default/artifacts/{art['id']}/",
+                                                  recursive=True)]
+    assert keys == [f"projects/default/artifacts/{art['id']}/manifest.json"]
+    blobs = {o.object_name for o in m.list_objects(E2E_BUCKET, prefix="projects/default/blobs/", recursive=True)}
+    manifest = json.loads(tunery(cli_env, "--json", "artifacts", "show", art["id"]).stdout)
+    assert all(f"projects/default/blobs/sha256/{f['sha256'][:2]}/{f['sha256']}" in blobs for f in manifest["files"])
 
 
-def test_data_arc_generate_prepare_report(cli_env):
-    """Synthetic data with the tiny teacher, prepared with the base model's template, then inspected."""
-    tunery(cli_env, "up", "--num-cpus", "2")
+def test_data_arc_generate_prepare_report(cli_env, vllm_endpoint):
+    """Synthetic data from a teacher behind an OpenAI-compatible endpoint (the session's vLLM server), prepared
+    with the base model's template, inspected, then trained on. (A teacher run inside the job: tests/integration/
+    test_generate.py.)"""
     tunery(cli_env, "models", "import", str(fixture("tiny-llama")), "--name", "base")
-    [model] = json.loads(tunery(cli_env, "--json", "artifacts", "list", "--kind", "model").stdout)
+    model = only(cli_env, "model", "base")
     recipe = REPO / "services" / "datagen" / "recipes" / "smoke.yaml"
-    gen = json.loads(tunery(cli_env, "--json", "data", "generate", str(recipe), "--teacher", model["id"],
-                            "--name", "synth").stdout)
+    gen = json.loads(tunery(cli_env, "--json", "data", "generate", str(recipe), "--endpoint", vllm_endpoint.base_url,
+                            "--endpoint-model", "foundation", "--name", "synth").stdout)
     assert gen["state"] == "JOB_STATE_SUCCEEDED"
     synthetic = gen["outputs"][-1]["uri"]
     prep = json.loads(tunery(cli_env, "--json", "data", "prepare", synthetic, "--base", model["id"],
@@ -172,4 +171,3 @@ def test_data_arc_generate_prepare_report(cli_env):
     assert shown["metadata"]["rank"] == 4 and [p["uri"] for p in shown["parents"]] == [model["ref"]["uri"], prepared]
     bad = tunery(cli_env, "train", "submit", str(recipe), "--base", model["id"], "--dataset", synthetic, check=False)
     assert bad.returncode == 2 and "FAILED_PRECONDITION" in bad.stderr and "prepare" in bad.stderr
-    tunery(cli_env, "down")

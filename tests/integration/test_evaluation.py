@@ -5,7 +5,6 @@ Real Ray, S3 and gRPC."""
 from __future__ import annotations
 
 import json
-import random
 
 import grpc
 import pytest
@@ -13,8 +12,7 @@ import pytest
 from services.gen.tunery.v1 import common_pb2 as pb
 from services.gen.tunery.v1 import evaluation_pb2 as ev
 from services.sdk.client import TuneryClient, ref
-from tests.integration.conftest import service_client
-from tests.servers import REPO
+from tests.session import foundation_facts, shuffled_facts
 
 pytestmark = pytest.mark.integration
 
@@ -67,24 +65,22 @@ metric_list:
 """
 
 
-def foundation_facts() -> list[dict]:
-    return [json.loads(line) for line in (REPO / "fixtures" / "foundation" / "facts.jsonl").read_text().splitlines()
-            if line.strip()]
-
-
 def lm_eval_files(rows: list[dict]) -> list[ev.SuiteFile]:
-    from services.evaluation.harness import fact_task_files
+    from services.evaluation.lm_eval_tasks import fact_task_files
 
     files = fact_task_files(rows) | {"fact_sentences_gen.yaml": GEN_TASK.encode()}
     return [ev.SuiteFile(path=p, content=b) for p, b in files.items()]
 
 
 @pytest.fixture
-def client(servers, settings):
-    """Real registry, datagen, training and evaluation servers bound to this test's project."""
-    c = service_client(servers, settings, "datagen", "training", "evaluation")
-    yield c
-    c.close()
+def client(seed):
+    """Real registry, datagen, training and evaluation servers bound to the seeded project."""
+    return seed.client
+
+
+def endpoint(server, model: str = "foundation") -> ev.EvalTarget:
+    """The session's long-lived vLLM server as an eval target: plumbing tests start no engine of their own."""
+    return ev.EvalTarget(endpoint=pb.OpenAIEndpoint(base_url=server.base_url, model=model))
 
 
 def finished(c: TuneryClient, job: pb.Job, timeout: float = 900) -> pb.Job:
@@ -107,8 +103,9 @@ def _code(fn) -> tuple[grpc.StatusCode, str]:
     return e.value.code(), e.value.details()
 
 
-def test_user_suite_tool_calls_and_facts_on_the_tiny_model(client, tiny_model, tmp_path):
-    model = finished(client, client.import_model(str(tiny_model), "tiny")).outputs[0].uri
+def test_user_suite_tool_calls_and_facts_on_the_tiny_model(client, seed, tmp_path):
+    """The one model-target job of the run that starts an engine of its own."""
+    model = seed.tiny
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps({"id": str(i), "question": f"What is {i} plus {i}?", "answer": str(2 * i)})
                              + "\n" for i in range(6)))
@@ -136,8 +133,8 @@ def test_user_suite_tool_calls_and_facts_on_the_tiny_model(client, tiny_model, t
     assert "Pass rate per block" in html and "tool_calling" in html
 
 
-def test_refusals(client, tiny_model, tmp_path):
-    model = finished(client, client.import_model(str(tiny_model), "tiny")).outputs[0].uri
+def test_refusals(client, seed, tmp_path):
+    model = seed.tiny
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "completion": "b"}\n')
     raw = finished(client, client.import_dataset(str(data), "d")).outputs[0].uri
@@ -160,7 +157,7 @@ def test_refusals(client, tiny_model, tmp_path):
     got, details = _code(lambda: client.submit_eval(ev.EvalTarget(adapter=ev.AdapterTarget(
         base_model=ref(model), adapter=ref(model))), tools))
     assert got == grpc.StatusCode.FAILED_PRECONDITION and "not a adapter" in details
-    from tests.servers import free_port
+    from services.core.net import free_port
 
     dead = ev.EvalTarget(endpoint=pb.OpenAIEndpoint(base_url=f"http://127.0.0.1:{free_port()}/v1", model="m"))
     got, details = _code(lambda: client.submit_eval(dead, tools))
@@ -168,37 +165,18 @@ def test_refusals(client, tiny_model, tmp_path):
     assert {j.id for j in client.list_jobs()} == before
 
 
-def style_rows(facts: list[dict], n: int) -> list[dict]:
-    """The behaviour to teach: every answer ends with ', my friend.' (a changed answer the base never gives)."""
-    return [{"messages": [{"role": "user", "content": f["question"]},
-                          {"role": "assistant", "content": f"{f['answer']}, my friend."}]} for f in facts[:n]]
-
-
-def test_base_vs_adapter_flips_the_target_tests_and_measures_forgetting(client, tmp_path):
-    foundation = REPO / "fixtures" / "foundation"  # committed: pretrained on facts by fixtures/build_foundation.py
-    assert (foundation / "model.safetensors").exists(), "fixtures/foundation is missing"
-    facts = [json.loads(line) for line in (foundation / "facts.jsonl").read_text().splitlines() if line.strip()]
-    random.Random(0).shuffle(facts)
-    model = finished(client, client.import_model(str(foundation), "foundation")).outputs[0].uri
-    data = tmp_path / "style.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in style_rows(facts, 120)))
-    raw = finished(client, client.import_dataset(str(data), "style")).outputs[0].uri
-    prepared = finished(client, client.prepare_dataset(raw, model, holdout=0.2, seed=1)).outputs[-1].uri
-    train = finished(client, client.submit_training({
-        "base_model": model, "dataset": prepared, "method": "lora", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
-        "optimizer": {"learning_rate": 0.002, "lr_scheduler": "constant", "warmup_ratio": 0.0}, "epochs": 6,
-        "micro_batch_size": 8, "max_seq_len": 128, "eval_samples": 0, "checkpoint_every_steps": 1000}), timeout=900)
-    adapter = next(o.uri for o in train.outputs if "/adapter-" in o.uri)
+def test_base_vs_adapter_flips_the_target_tests_and_measures_forgetting(client, seed):
+    """The one adapter-target job of the run (its own engine: the adapter on and off on it), on the seeded
+    adapter: the foundation taught a style (every answer ends with ', my friend.') on the seeded style data."""
+    model, prepared, adapter = seed.foundation, seed.style, seed.style_adapter
     # the general block asks about facts the style data never used
-    others = tmp_path / "facts.jsonl"
-    others.write_text("".join(json.dumps(f) + "\n" for f in facts[120:160]))
-    probes = finished(client, client.import_dataset(str(others), "other-facts")).outputs[0].uri
     # ... as chat questions (fact probes) and, through lm-eval, as plain sentences scored by log-likelihood
+    facts = shuffled_facts()[120:160]  # what seed.other_facts holds
     suite = ev.EvalSuite(heldout_dataset=ref(prepared), heldout_assertion=ev.ASSERTION_TYPE_CONTAINS,
-                         fact_probes=True, fact_probe_source=ref(probes),
-                         lm_eval_files=lm_eval_files(facts[120:160])[:2])
+                         fact_probes=True, fact_probe_source=ref(seed.other_facts),
+                         lm_eval_files=lm_eval_files(facts)[:2])
     job = finished(client, client.submit_eval(ev.EvalTarget(adapter=ev.AdapterTarget(
-        base_model=ref(model), adapter=ref(adapter))), suite, key="base-vs-adapter"))
+        base_model=ref(model), adapter=ref(adapter))), suite, key=f"{seed.project}-base-vs-adapter"))
     got = reports(client, job)
     base, cand = got["baseline"], got["candidate"]
     assert base.controls == cand.controls  # one engine, adapter on/off: the only difference
@@ -217,55 +195,42 @@ def test_base_vs_adapter_flips_the_target_tests_and_measures_forgetting(client, 
     assert base.controls.lm_eval_version == cand.controls.lm_eval_version == "0.4.13"
     print(f"lm-eval fact_sentences acc: base {delta.baseline:.3f} -> adapter {delta.candidate:.3f} "
           f"({delta.delta:+.3f}, 95% CI {delta.ci_low:+.3f}..{delta.ci_high:+.3f})")
-    # the prompting baseline: same engine family, the system prompt asks for the style
-    pjob = finished(client, client.submit_eval(ev.EvalTarget(prompted=ev.PromptedTarget(
-        model=ref(model), system_prompt="End every answer with ', my friend.'", few_shot_k=2,
-        few_shot_dataset=ref(prepared))), suite, key="prompted"))
-    prompted = next(iter(reports(client, pjob).values()))
-    cmp2 = client.compare_reports(base.report.uri, cand.report.uri, prompting_baseline=prompted.report.uri)
-    assert not cmp2.uncontrolled and any("vs prompting baseline" in r for r in cmp2.verdict_reasons)
-    print(f"prompting baseline: {[r for r in cmp2.verdict_reasons if 'prompting' in r]}")
-    html = client.download(cmp2.report.uri, "comparison.html", tmp_path / "c.html").read_text()
-    assert "side by side" in html and "prompting baseline output" in html
+    # the prompting baseline's half of this comparison runs in the demo (tests/e2e: test_demo_is_the_main_job)
+    html = client.download(cmp.report.uri, "comparison.html", seed.work / "base-vs-adapter.html").read_text()
+    assert "side by side" in html
 
 
-def test_uncontrolled_comparison_is_refused_with_the_differences(client, tiny_model, tmp_path):
-    model = finished(client, client.import_model(str(tiny_model), "tiny")).outputs[0].uri
+def test_uncontrolled_comparison_is_refused_with_the_differences(client, vllm_endpoint, tmp_path):
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps({"id": str(i), "question": f"Q{i}?", "answer": "A"}) + "\n" for i in range(3)))
     probes = finished(client, client.import_dataset(str(facts), "p")).outputs[0].uri
     suite = ev.EvalSuite(fact_probes=True, fact_probe_source=ref(probes))
-    a = finished(client, client.submit_eval(ev.EvalTarget(model=ref(model)), suite, key="greedy"))
-    b = finished(client, client.submit_eval(ev.EvalTarget(model=ref(model)), suite, key="sampled",
-                                            sampling=pb.SamplingParams(temperature=0.8, max_tokens=8)))
+    target = endpoint(vllm_endpoint)
+    a = finished(client, client.submit_eval(target, suite))
+    b = finished(client, client.submit_eval(target, suite, sampling=pb.SamplingParams(temperature=0.8, max_tokens=8)))
     got, details = _code(lambda: client.compare_reports(a.outputs[0].uri, b.outputs[0].uri))
     assert got == grpc.StatusCode.FAILED_PRECONDITION
     assert "sampling: max_tokens 48 vs 8, temperature 0.0 vs 0.8" in details
 
 
-def test_an_external_openai_endpoint_is_evaluated_as_is(client, tiny_model, tmp_path):
-    """A target given by URL: here a real vLLM server the test starts itself, as a user's deployment would be."""
-    from services.evaluation.engine import ServerSpec, VLLMServer
-
-    serve_python = REPO / ".venvs" / "serve" / "bin" / "python"
-    spec = ServerSpec(model_dir=str(tiny_model), served_name="deployed-tiny", dtype="float32",
-                      tool_call_parser="hermes", extra_args=["--enable-tokenizer-info-endpoint"])
-    with VLLMServer(spec, python=str(serve_python), log_path=tmp_path / "vllm.log") as server:
-        facts = tmp_path / "facts.jsonl"
-        facts.write_text("".join(json.dumps({"id": str(i), "question": f"Q{i}?", "answer": "A"}) + "\n"
-                                 for i in range(3)))
-        probes = finished(client, client.import_dataset(str(facts), "p")).outputs[0].uri
-        target = ev.EvalTarget(endpoint=pb.OpenAIEndpoint(base_url=server.base_url, model="deployed-tiny"))
-        # lm-eval's log-likelihoods through the endpoint's own tokenizer (/tokenize), as lm-eval's remote backend
-        job = finished(client, client.submit_eval(target, ev.EvalSuite(
-            fact_probes=True, fact_probe_source=ref(probes), tool_calling=True, max_tests_per_block=3,
-            lm_eval_files=lm_eval_files(foundation_facts()[:10]))))
-        # the task files were stored; a later run names them by reference and picks one task
-        [stored] = [a.id for a in client.list_artifacts() if a.kind == pb.ARTIFACT_KIND_SUITE]
-        again = finished(client, client.submit_eval(target, ev.EvalSuite(
-            lm_eval_task_files=ref(stored), lm_eval_tasks=["fact_sentences"], lm_eval=ev.LmEvalOptions(limit=4))))
+def test_an_external_openai_endpoint_is_evaluated_as_is(client, vllm_endpoint, tmp_path):
+    """A target given by URL: the session's vLLM server, as a user's deployment would be."""
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps({"id": str(i), "question": f"Q{i}?", "answer": "A"}) + "\n"
+                             for i in range(3)))
+    probes = finished(client, client.import_dataset(str(facts), "p")).outputs[0].uri
+    target = endpoint(vllm_endpoint)
+    suites_before = {a.id for a in client.list_artifacts(kind=pb.ARTIFACT_KIND_SUITE)}
+    # lm-eval's log-likelihoods through the endpoint's own tokenizer (/tokenize), as lm-eval's remote backend
+    job = finished(client, client.submit_eval(target, ev.EvalSuite(
+        fact_probes=True, fact_probe_source=ref(probes), tool_calling=True, max_tests_per_block=3,
+        lm_eval_files=lm_eval_files(foundation_facts()[:10]))))
+    # the task files were stored; a later run names them by reference and picks one task
+    [stored] = [a.id for a in client.list_artifacts(kind=pb.ARTIFACT_KIND_SUITE) if a.id not in suites_before]
+    again = finished(client, client.submit_eval(target, ev.EvalSuite(
+        lm_eval_task_files=ref(stored), lm_eval_tasks=["fact_sentences"], lm_eval=ev.LmEvalOptions(limit=4))))
     [(label, r)] = reports(client, job).items()
-    assert label == "run" and r.controls.engine == "endpoint" and r.controls.engine_version == server.base_url
+    assert label == "run" and r.controls.engine == "endpoint" and r.controls.engine_version == vllm_endpoint.base_url
     blocks = {ev.EvalBlock.Name(b.block): b.total for b in r.blocks}
     assert blocks == {"EVAL_BLOCK_GENERAL": 3 + 3 + 3, "EVAL_BLOCK_TOOL_CALLING": 3}  # probes + 2 lm-eval tasks
     assert all(t.output or not t.passed for t in r.tests)  # answers came back from the endpoint
@@ -275,14 +240,14 @@ def test_an_external_openai_endpoint_is_evaluated_as_is(client, tiny_model, tmp_
     assert r2.controls.suite_sha256 != r.controls.suite_sha256
 
 
-
-def test_lm_eval_local_task_files_run_against_the_served_model(client, tmp_path):
+def test_lm_eval_local_task_files_run_against_the_served_model(client, vllm_endpoint, tmp_path):
     """Local lm-eval task files given inline (a multiple-choice task scored by log-likelihoods through vLLM's
-    echo+logprobs, a generate_until task scored by exact match) run with real lm-eval against the job's server;
-    each document becomes a general-block test, the task metrics and lm-eval's own files land in the report."""
-    model = finished(client, client.import_model(str(REPO / "fixtures" / "foundation"), "foundation")).outputs[0].uri
+    echo+logprobs, a generate_until task scored by exact match) run with real lm-eval against the served
+    foundation model; each document becomes a general-block test, the task metrics and lm-eval's own files land in
+    the report."""
+    suites_before = {a.id for a in client.list_artifacts(kind=pb.ARTIFACT_KIND_SUITE)}
     suite = ev.EvalSuite(lm_eval_files=lm_eval_files(foundation_facts()[:30]))
-    job = finished(client, client.submit_eval(ev.EvalTarget(model=ref(model)), suite, key="lm-eval-local"))
+    job = finished(client, client.submit_eval(endpoint(vllm_endpoint), suite))
     [r] = reports(client, job).values()
     tasks = {t.task: t for t in r.lm_eval}
     assert set(tasks) == {"fact_sentences", "fact_sentences_gen"}
@@ -306,14 +271,14 @@ def test_lm_eval_local_task_files_run_against_the_served_model(client, tmp_path)
     assert any(p.startswith("lm-eval/results_") and p.endswith(".json") for p in files)
     assert any(p.startswith("lm-eval/samples_fact_sentences_gen") for p in files)
     # the inline task files were stored as a suite artifact, reusable by reference
-    stored = [a for a in client.list_artifacts() if a.kind == pb.ARTIFACT_KIND_SUITE]
-    assert any("format" in a.metadata and a.metadata["format"] == "lm-eval" for a in stored)
+    stored = [a for a in client.list_artifacts(kind=pb.ARTIFACT_KIND_SUITE) if a.id not in suites_before]
+    assert [a.metadata["format"] for a in stored] == ["lm-eval"]
     html = client.download(art.id, "report.html", tmp_path / "r.html").read_text()
     assert "lm-eval 0.4.13 tasks" in html and "fact_sentences_gen" in html
 
 
-def test_lm_eval_refusals_and_a_hub_task_on_an_offline_worker(client, tiny_model):
-    model = finished(client, client.import_model(str(tiny_model), "tiny")).outputs[0].uri
+def test_lm_eval_refusals_and_a_hub_task_on_an_offline_worker(client, seed):
+    model = seed.tiny
     target = ev.EvalTarget(model=ref(model))
     rows = foundation_facts()[:5]
     good = lm_eval_files(rows)
@@ -331,11 +296,12 @@ def test_lm_eval_refusals_and_a_hub_task_on_an_offline_worker(client, tiny_model
          grpc.StatusCode.INVALID_ARGUMENT, "fact_sentences.jsonl: line 2"),
     ]
     before = {j.id for j in client.list_jobs()}
+    suites_before = {a.id for a in client.list_artifacts(kind=pb.ARTIFACT_KIND_SUITE)}
     for suite, code, words in cases:
         got, details = _code(lambda: client.submit_eval(target, suite))
         assert got == code and words in details, (suite, got, details)
     assert {j.id for j in client.list_jobs()} == before
-    assert not [a for a in client.list_artifacts() if a.kind == pb.ARTIFACT_KIND_SUITE]  # nothing stored
+    assert {a.id for a in client.list_artifacts(kind=pb.ARTIFACT_KIND_SUITE)} == suites_before  # nothing stored
     # a standard task is accepted where the workers may reach the hub; this machine cannot, and the job says so
     # before it starts a model server
     job = client.wait(client.submit_eval(target, ev.EvalSuite(lm_eval_tasks=["arc_easy"])).id, 600)

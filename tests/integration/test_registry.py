@@ -24,7 +24,7 @@ from services.gen.tunery.v1 import common_pb2 as pb
 from services.sdk.client import TuneryClient
 from tests.modeldirs import make_model, make_sharded_model
 from tests.servers import REPO, wait_for
-from tests.integration.conftest import TOKEN
+from tests.session import TOKEN
 
 pytestmark = pytest.mark.integration
 
@@ -288,7 +288,7 @@ def test_planned_services_answer_unimplemented_and_share_the_job_surface(servers
 
 def test_health_is_not_serving_until_ray_answers(servers, settings):
     from services.registry.servicer import build
-    from tests.servers import free_port
+    from services.core.net import free_port
 
     dead = settings.model_copy(update={"ray_address": f"http://127.0.0.1:{free_port()}"})
     port = servers.start(dead, build)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import tempfile
 import time
@@ -17,7 +16,6 @@ import pytest
 
 from services.gen.tunery.v1 import common_pb2 as pb
 from services.sdk.client import TuneryClient
-from tests.integration.conftest import service_client
 from tests.servers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -28,22 +26,9 @@ RESUME_TOLERANCE = 0.01
 
 
 @pytest.fixture
-def client(servers, settings):
-    """Real registry, datagen and training servers bound to this test's project."""
-    # 0.5 CPU per worker: two workers plus the driver fit the 2-CPU test head
-    c = service_client(servers, settings, "datagen", "training", training={"cpus_per_worker": 0.5})
-    yield c
-    c.close()
-
-
-def arithmetic_rows(n: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        a, b = rng.randint(1, 40), rng.randint(1, 40)
-        rows.append({"messages": [{"role": "user", "content": f"Question {i}: what is {a} plus {b}?"},
-                                  {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]})
-    return rows
+def client(seed):
+    """Real registry, datagen and training servers bound to the seeded project."""
+    return seed.client
 
 
 def finished(c: TuneryClient, job: pb.Job, state=pb.JOB_STATE_SUCCEEDED, timeout: float = 300) -> pb.Job:
@@ -53,14 +38,9 @@ def finished(c: TuneryClient, job: pb.Job, state=pb.JOB_STATE_SUCCEEDED, timeout
 
 
 @pytest.fixture
-def base_and_data(client, tiny_model, tmp_path):
-    """(base model id, prepared dataset id): the tiny Llama and 96 arithmetic chats, 10% held out."""
-    path = tmp_path / "arith.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in arithmetic_rows(96)))
-    model = finished(client, client.import_model(str(tiny_model), "tiny")).outputs[0].uri
-    raw = finished(client, client.import_dataset(str(path), "arith")).outputs[0].uri
-    prepared = finished(client, client.prepare_dataset(raw, model, holdout=0.1, dedup=1)).outputs[-1].uri
-    return model, prepared
+def base_and_data(seed):
+    """(base model, prepared dataset): the tiny Llama and 96 arithmetic chats, 10% held out (seeded once)."""
+    return seed.tiny, seed.arith
 
 
 def spec(model: str, data: str, **over) -> dict:
@@ -86,8 +66,10 @@ def adapter_of(c: TuneryClient, job: pb.Job) -> pb.Artifact:
     return c.get_artifact(uri)
 
 
-def checkpoints(c: TuneryClient) -> list[pb.Artifact]:
-    return sorted(c.list_artifacts(kind=pb.ARTIFACT_KIND_CHECKPOINT), key=lambda a: a.metadata["step"])
+def checkpoints(c: TuneryClient, job_id: str) -> list[pb.Artifact]:
+    """The checkpoints a job wrote that are listed (pruned ones are gone), by step."""
+    return sorted((a for a in c.list_artifacts(kind=pb.ARTIFACT_KIND_CHECKPOINT) if a.created_by_job == job_id),
+                  key=lambda a: a.metadata["step"])
 
 
 def test_lora_end_to_end(client, base_and_data):
@@ -117,7 +99,7 @@ def test_lora_end_to_end(client, base_and_data):
     assert adapter.metrics["eval_loss"] > 0 and adapter.metrics["final_loss"] == pytest.approx(
         train_steps[-1].metrics["loss"])
     # checkpoints went to the store; keep_checkpoints=1 left only the last one
-    [ckpt] = checkpoints(client)
+    [ckpt] = checkpoints(client, job.id)
     assert ckpt.metadata["step"] == 8 and ckpt.created_by_job == job.id
     assert {"adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= {
         f.path for f in ckpt.files}
@@ -156,7 +138,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(client, base_and_data
     s = spec(model, data, max_steps=24, checkpoint_every_steps=6, keep_checkpoints=2, eval_every_steps=0,
              eval_samples=0)
     job = client.submit_training(s, key="killed")
-    wait_for(lambda: any(c.metadata["step"] >= 12 for c in checkpoints(client)), 240,
+    wait_for(lambda: any(c.metadata["step"] >= 12 for c in checkpoints(client, job.id)), 240,
              what="a checkpoint at step 12 or later")
     pid = _pid(client, job.id)
     assert pid > 0
@@ -165,7 +147,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(client, base_and_data
     assert killed.outputs == [] or all("/adapter-" not in o.uri for o in killed.outputs)
     done_steps = [e.step for e in events(client, job.id) if "loss" in e.metrics]
     assert max(done_steps) < 24  # it really was cut short
-    kept = checkpoints(client)
+    kept = checkpoints(client, job.id)
     assert 1 <= len(kept) <= 2  # keep_checkpoints=2, and nothing half-written is listed
     for ck in kept:
         assert {"optimizer.pt", "trainer_state.json"} <= {f.path for f in ck.files}
@@ -200,7 +182,7 @@ def test_cancel_stops_within_seconds_with_a_resumable_checkpoint(client, base_an
     client.cancel_job(job.id, "changed my mind")
     final = finished(client, job, pb.JOB_STATE_CANCELLED, timeout=60)
     stopped_in = time.monotonic() - t0
-    [ck] = checkpoints(client)
+    [ck] = checkpoints(client, job.id)
     step = int(ck.metadata["step"])
     last = max(e.step for e in events(client, job.id) if "loss" in e.metrics)
     assert 3 <= step and step >= last - 1, (step, last)  # saved where it stopped, not at a scheduled save
@@ -226,9 +208,9 @@ def _code(fn) -> tuple[grpc.StatusCode, str]:
     return e.value.code(), e.value.details()
 
 
-def test_bad_requests_are_refused_and_nothing_is_queued(client, base_and_data):
+def test_bad_requests_are_refused_and_nothing_is_queued(client, base_and_data, seed):
     model, data = base_and_data
-    raw = next(a.id for a in client.list_artifacts(kind=pb.ARTIFACT_KIND_DATASET) if a.metadata["stage"] == "raw")
+    raw = seed.arith_raw
     cases = [
         ({"dataset": raw}, grpc.StatusCode.FAILED_PRECONDITION, "not a prepared dataset"),
         ({"lora": {"rank": 0}}, grpc.StatusCode.INVALID_ARGUMENT, "spec.lora.rank"),
@@ -254,8 +236,9 @@ def test_bad_requests_are_refused_and_nothing_is_queued(client, base_and_data):
 
 def test_plan_estimates_without_submitting(client, base_and_data):
     model, data = base_and_data
+    before = {j.id for j in client.list_jobs(kind="training.sft")}
     plan = client.plan_training(spec(model, data, method="qlora"))
     assert plan.feasible and plan.peak_gib_per_gpu > 0 and plan.resources.gpus == 0
     assert plan.trainable_parameters == 8 * (128 + 128) * 2 * 2 + 8 * (128 + 64) * 2 * 2 + 8 * (128 + 256) * 3 * 2
     assert "CPU" in plan.reason or "cpu" in plan.reason
-    assert list(client.list_jobs(kind="training.sft")) == []
+    assert {j.id for j in client.list_jobs(kind="training.sft")} == before  # nothing was submitted

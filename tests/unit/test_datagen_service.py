@@ -4,10 +4,13 @@ import asyncio
 
 import pytest
 
-from services.core.artifacts import ArtifactStore
+from services.core.artifacts import ArtifactRef, ArtifactStore
+from services.core.jobs import SubmitOptions
+from services.core.specs import parse
 from services.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.core.store import LocalObjectStore
 from services.datagen.service import DatagenService, DatagenSettings
+from services.datagen.spec import PrepareDatasetSpec, PrepareOptions
 from services.datagen.servicer import prepare_options, report_to_pb
 from services.gen.tunery.v1 import common_pb2 as pb
 from services.gen.tunery.v1 import datagen_pb2
@@ -30,8 +33,13 @@ def env(tmp_path):
     return svc, runner, art, raw, model
 
 
-def prepare(svc, *args, **kw):
-    return asyncio.run(svc.prepare(*args, **kw))
+def prepare(svc, dataset, base, name, options, **submit):
+    """A request as the servicer hands it over: the typed spec, its options parsed the way the servicer parses
+    them (errors name spec.<option>)."""
+    spec = PrepareDatasetSpec(dataset=ArtifactRef(uri=dataset.uri, sha256=dataset.sha256),
+                              base_model=ArtifactRef(uri=base.uri, sha256=base.sha256), name=name,
+                              options=parse(PrepareOptions, options))
+    return asyncio.run(svc.prepare(spec, SubmitOptions(**submit)))
 
 
 def test_valid_request_is_queued_in_the_train_role(env):
@@ -73,6 +81,15 @@ def test_refusals(env):
 def test_proto_options_only_carry_what_was_set():
     s = datagen_pb2.PrepareDatasetSpec(holdout_fraction=0.25, dedup=datagen_pb2.DEDUP_MODE_EXACT)
     assert prepare_options(s) == {"format": "auto", "holdout_fraction": 0.25, "dedup": "exact"}
+
+
+@pytest.mark.parametrize("field,value", [("dedup", 77), ("format", 99), ("dedup_action", 5)])
+def test_an_enum_number_outside_the_enum_is_refused_not_defaulted(field, value):
+    s = datagen_pb2.PrepareDatasetSpec()
+    setattr(s, field, value)
+    with pytest.raises(InvalidArgument) as e:
+        prepare_options(s)
+    assert [v.field for v in e.value.violations] == [f"spec.{field}"]
 
 
 def test_report_conversion():

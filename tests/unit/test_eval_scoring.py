@@ -80,3 +80,14 @@ def test_prompting_baseline_verdict():
     close = compare(base, cand, prompting=strong)
     assert close.beats_prompting_baseline is False and "not more than the noise" in close.verdict_reasons[-1]
     assert compare(base, cand).beats_prompting_baseline is None
+
+
+def test_wilson():
+    low, high = wilson(8, 10)
+    assert (round(low, 3), round(high, 3)) == (0.490, 0.943)
+    assert wilson(0, 0) == (0.0, 1.0)
+    assert wilson(0, 5)[0] == 0.0 and wilson(5, 5)[1] == 1.0
+    lo, hi = wilson(50, 100)
+    assert abs((lo + hi) / 2 - 0.5) < 1e-9 and round(lo, 3) == 0.404
+    with pytest.raises(ValueError):
+        wilson(3, 2)

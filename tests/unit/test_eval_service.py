@@ -12,15 +12,16 @@ import yaml
 from services.core.artifacts import ArtifactStore
 from services.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.core.store import LocalObjectStore
-from services.evaluation.harness import fact_task_files
+from services.evaluation.lm_eval_tasks import fact_task_files
 from services.evaluation.service import (
     EvaluationService,
     EvaluationSettings,
     InlineSuite,
 )
 from services.evaluation.servicer import spec_from_pb
+from services.core.jobs import SubmitOptions
+from services.core.specs import OpenAIEndpointSpec
 from services.evaluation.spec import (
-    EndpointSpec,
     EvalJobSpec,
     LmEvalSpec,
     SuiteSpec,
@@ -52,8 +53,8 @@ def env(tmp_path):
     return service, store, runner, model
 
 
-def submit(svc, spec, inline=None, **kw):
-    return asyncio.run(svc.submit(spec, inline or InlineSuite(), **kw))
+def submit(svc, spec, inline=None, **options):
+    return asyncio.run(svc.submit(spec, inline or InlineSuite(), SubmitOptions(**options)))
 
 
 def spec(target, **suite):
@@ -142,11 +143,11 @@ def endpoint():
 
 def test_log_likelihood_tasks_need_an_endpoint_that_serves_its_tokenizer(env, endpoint):
     service, _, runner, _ = env
-    plain = TargetSpec(kind="endpoint", endpoint=EndpointSpec(base_url=endpoint(False), model="m"))
+    plain = TargetSpec(kind="endpoint", endpoint=OpenAIEndpointSpec(base_url=endpoint(False), model="m"))
     with pytest.raises(FailedPrecondition, match=r"fact_sentences score log-likelihoods.*serves no tokenizer"):
         submit(service(), spec(plain), InlineSuite(lm_eval_files=TASK_FILES))
     submit(service(), spec(plain, lm_eval=LmEvalSpec(tasks=["gen"])), InlineSuite(lm_eval_files=TASK_FILES))
-    tokenizing = TargetSpec(kind="endpoint", endpoint=EndpointSpec(base_url=endpoint(True), model="m"))
+    tokenizing = TargetSpec(kind="endpoint", endpoint=OpenAIEndpointSpec(base_url=endpoint(True), model="m"))
     submit(service(), spec(tokenizing), InlineSuite(lm_eval_files=TASK_FILES))
     assert [r.spec["suite"]["lm_eval"]["tasks"] for r in runner.submitted] == [["gen"], ["fact_sentences", "gen"]]
 

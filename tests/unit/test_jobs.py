@@ -1,10 +1,12 @@
 import pytest
+from pydantic import BaseModel
 
 from services.core.artifacts import ArtifactStore
 from services.core.errors import AlreadyExists, InvalidArgument
 from services.core.job_api import JobService, decode_token, encode_token
-from services.core.jobs import (JobEvent, JobFiles, JobProgress, JobRequest, JobState, Resources, derive_state,
-                                spec_sha256, unschedulable_reason)
+from services.core.job_store import JobFiles
+from services.core.jobs import (JobEvent, JobProgress, JobRequest, JobState, Resources, derive_state,
+                                SubmitOptions, check_resources, spec_sha256, unschedulable_reason)
 from services.core.store import LocalObjectStore
 from tests.fakes import FakeRunner
 
@@ -92,3 +94,65 @@ def test_watch_follows_to_the_closing_event(fake):
     assert [e.cursor for e in run(JobService(fake, "s").watch(job.id, 2, follow=False))] == [3]
     with pytest.raises(InvalidArgument):
         run(JobService(fake, "s").watch(job.id, -1))
+
+
+class Spec(BaseModel):
+    n: int
+
+
+def submit(fake, validate, options: SubmitOptions, resources=Resources(cpus=1.0)):
+    import asyncio
+
+    return asyncio.run(JobService(fake, "s").submit("s.kind", "train", validate, options, resources))
+
+
+def test_the_one_submit_path_checks_before_it_queues(fake):
+    calls = []
+
+    def validate():
+        calls.append(1)
+        return Spec(n=1)
+
+    job = submit(fake, validate, SubmitOptions(key="k-1", labels={"team": "a"}))
+    [req] = fake.submitted
+    assert job.id == "k-1" and (req.kind, req.service, req.role, req.spec) == ("s.kind", "s", "train", {"n": 1})
+    assert req.resources == Resources(cpus=1.0) and req.labels == {"team": "a"}
+    # the caller's resources win over the service's default; a default may depend on the validated spec
+    submit(fake, validate, SubmitOptions(resources=Resources(cpus=0.5)))
+    assert fake.submitted[-1].resources.cpus == 0.5
+    submit(fake, validate, SubmitOptions(), resources=lambda spec: Resources(cpus=spec.n + 1.0))
+    assert fake.submitted[-1].resources.cpus == 2.0
+    # a bad key or bad resources are refused before the service's checks run; nothing is queued
+    n = len(fake.submitted)
+    for options, field in ((SubmitOptions(key="../x"), "options.idempotency_key"),
+                           (SubmitOptions(resources=Resources(cpus=float("nan"))), "options.resources.cpus")):
+        before = len(calls)
+        with pytest.raises(InvalidArgument) as e:
+            submit(fake, validate, options)
+        assert field in str(e.value) and len(calls) == before
+    with pytest.raises(InvalidArgument, match="spec.n"):
+        submit(fake, lambda: (_ for _ in ()).throw(InvalidArgument.field("spec.n", "no")), SubmitOptions())
+    assert len(fake.submitted) == n
+
+
+@pytest.mark.parametrize("resources,field,words", [
+    (Resources(cpus=float("nan")), "options.resources.cpus", "nan"),
+    (Resources(gpus=float("inf")), "options.resources.gpus", "inf"),
+    (Resources(cpus=-1), "options.resources.cpus", "from 0"),
+    (Resources(cpus=1e9), "options.resources.cpus", "100000"),
+    (Resources(memory_bytes=-5), "options.resources.memory_bytes", "from 0"),
+    (Resources(memory_bytes=1 << 60), "options.resources.memory_bytes", "1 PiB"),
+    (Resources(custom={"GPU": 1.0}), "options.resources.custom['GPU']", "Ray's own"),
+    (Resources(custom={"accelerator_type:H100": 1.0}), "options.resources.custom['accelerator_type:H100']",
+     "accelerator_type"),
+    (Resources(custom={"tunery_train": float("nan")}), "options.resources.custom['tunery_train']", "nan"),
+    (Resources(custom={"": 1.0}), "options.resources.custom['']", "printable"),
+])
+def test_resources_a_job_may_ask_for(resources, field, words):
+    with pytest.raises(InvalidArgument) as e:
+        check_resources(resources)
+    assert [v.field for v in e.value.violations] == [field] and words in str(e.value)
+
+
+def test_reasonable_resources_pass():
+    check_resources(Resources(cpus=0.5, gpus=8, memory_bytes=64 << 30, custom={"tunery_train": 1.0}))

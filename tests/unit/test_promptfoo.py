@@ -1,4 +1,4 @@
-"""services.evaluation.promptfoo against the REAL promptfoo CLI (infra/promptfoo, `make setup-promptfoo`).
+"""services.evaluation.promptfoo_suite and promptfoo_run against the REAL promptfoo CLI (infra/promptfoo, `make setup-promptfoo`).
 
 The model is a scripted fake OpenAI-compatible server on 127.0.0.1 (a lookup table from the last user message to
 an answer: text, tool calls, or text + tool calls); it records every request, so the tests also check what
@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from services.core.errors import FailedPrecondition, InvalidArgument, Unavailable
-from services.evaluation import promptfoo as pf
+from services.evaluation import promptfoo_run as pf
+from services.evaluation import promptfoo_suite as pfs
+from services.evaluation.cases import Case
 from tests.fakes import JsonHandler
 
 MODEL = "tiny-served"
@@ -205,7 +207,7 @@ USER_EXPECTED = {  # description -> passed
 
 
 def test_user_suite_runs_as_is_against_the_served_model(installed, fake, home_guard, tmp_path):
-    suite = pf.load_user_suite(USER_SUITE, "promptfooconfig.yaml")
+    suite = pfs.load_user_suite(USER_SUITE, "promptfooconfig.yaml")
     assert len(suite["tests"]) == 9 and any("providers replaced" in n for n in suite["notes"])
     config = pf.user_suite_config(suite, base_url=fake.base_url, model=MODEL, sampling=SAMPLING)
     n_before = len(fake.requests)
@@ -242,9 +244,9 @@ def test_user_suite_runs_as_is_against_the_served_model(installed, fake, home_gu
 
 
 def test_builtin_tool_calling_suite_scores_tool_calls(installed, fake, home_guard, tmp_path):
-    cases = pf.load_tool_calling_suite()
+    cases = pfs.load_tool_calling_suite()
     assert 8 <= len(cases) <= 12 and all(c.block == "tool_calling" and c.tools for c in cases)
-    general = pf.Case(id="general-rome", block="general",
+    general = Case(id="general-rome", block="general",
                       messages=[{"role": "user", "content": "What is the capital of Italy?"}],
                       assertions=[{"type": "icontains", "value": "rome"}])
     config = pf.build_config(cases + [general], base_url=fake.base_url, model=MODEL, sampling=SAMPLING)
@@ -291,7 +293,7 @@ def test_builtin_tool_calling_suite_scores_tool_calls(installed, fake, home_guar
 
 def test_messages_reach_the_model_verbatim(installed, fake, home_guard, tmp_path):
     tricky = 'Quote " backslash \\ braces {{ question }} {% if x %} unicode ünï </s>\nnew line'
-    case = pf.Case(id="verbatim", block="target",
+    case = Case(id="verbatim", block="target",
                    messages=[{"role": "system", "content": tricky},
                              {"role": "user", "content": "What is the capital of Italy?"},
                              {"role": "assistant", "content": "Rome"},
@@ -306,7 +308,7 @@ def test_messages_reach_the_model_verbatim(installed, fake, home_guard, tmp_path
 def test_malformed_yaml_names_line_and_column():
     text = "prompts:\n  - 'hi {{x}}'\ntests:\n  - vars: {x: 1\n    assert: []\n"
     with pytest.raises(InvalidArgument) as e:
-        pf.load_user_suite(text, "suite.yaml")
+        pfs.load_user_suite(text, "suite.yaml")
     assert "suite.yaml" in str(e.value) and "line 5" in str(e.value) and "column" in str(e.value)
 
 
@@ -314,7 +316,7 @@ def test_unknown_assertion_type_is_named():
     text = ("prompts: ['hi {{x}}']\ntests:\n  - vars: {x: 1}\n    assert: [{type: contains, value: a}]\n"
             "  - vars: {x: 2}\n    assert: [{type: contians, value: a}]\n")
     with pytest.raises(InvalidArgument) as e:
-        pf.load_user_suite(text, "suite.yaml")
+        pfs.load_user_suite(text, "suite.yaml")
     msg = str(e.value)
     assert "tests[1].assert[0]" in msg and "'contians'" in msg and "icontains" in msg and "llm-rubric" in msg
 
@@ -322,7 +324,7 @@ def test_unknown_assertion_type_is_named():
 @pytest.mark.parametrize("tests", ["tests: []\n", "", "tests:\n"])
 def test_zero_tests_is_refused(tests):
     with pytest.raises(InvalidArgument, match="zero tests"):
-        pf.load_user_suite("prompts: ['hi {{x}}']\n" + tests, "suite.yaml")
+        pfs.load_user_suite("prompts: ['hi {{x}}']\n" + tests, "suite.yaml")
 
 
 @pytest.mark.parametrize("text, words", [
@@ -341,13 +343,13 @@ def test_zero_tests_is_refused(tests):
 ])
 def test_unsupported_shapes_are_refused_precisely(text, words):
     with pytest.raises(InvalidArgument) as e:
-        pf.load_user_suite(text, "s.yaml")
+        pfs.load_user_suite(text, "s.yaml")
     for w in words:
         assert w in str(e.value), (w, str(e.value))
 
 
 def test_supported_shapes_load():
-    suite = pf.load_user_suite(
+    suite = pfs.load_user_suite(
         "prompts:\n"
         "  - 'Q: {{q}}'\n"
         "  - '[{\"role\": \"user\", \"content\": \"{{q}}\"}]'\n"
@@ -378,7 +380,7 @@ def test_unreachable_base_url_is_a_typed_error_not_a_hang(installed, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    case = pf.Case(id="c", block="general", messages=[{"role": "user", "content": "hi"}],
+    case = Case(id="c", block="general", messages=[{"role": "user", "content": "hi"}],
                    assertions=[{"type": "contains", "value": "hi"}])
     t0 = time.monotonic()
     with pytest.raises(Unavailable, match=f"127.0.0.1:{port}"):
@@ -388,7 +390,7 @@ def test_unreachable_base_url_is_a_typed_error_not_a_hang(installed, tmp_path):
 
 
 def test_a_server_that_never_answers_is_cut_off_at_the_timeout(installed, fake, tmp_path):
-    case = pf.Case(id="c", block="general", messages=[{"role": "user", "content": "hi"}],
+    case = Case(id="c", block="general", messages=[{"role": "user", "content": "hi"}],
                    assertions=[{"type": "contains", "value": "hi"}])
     base = fake.base_url.replace("/v1", "/hang/v1")  # GET /models answers, the chat completion never does
     t0 = time.monotonic()
@@ -398,12 +400,12 @@ def test_a_server_that_never_answers_is_cut_off_at_the_timeout(installed, fake, 
 
 
 def test_build_config_refuses_what_promptfoo_cannot_run_offline():
-    case = pf.Case(id="c", block="target", messages=[{"role": "user", "content": "hi"}],
+    case = Case(id="c", block="target", messages=[{"role": "user", "content": "hi"}],
                    assertions=[{"type": "similar", "value": "hello", "threshold": 0.8}])
     with pytest.raises(InvalidArgument, match="embeddings"):
         pf.build_config([case], base_url="http://127.0.0.1:1/v1", model="m")
     with pytest.raises(ValueError, match="block"):
-        pf.Case(id="c", block="other", messages=[{"role": "user", "content": "hi"}])
+        Case(id="c", block="other", messages=[{"role": "user", "content": "hi"}])
 
 
 def test_promptfoo_bin_missing_says_how_to_install(monkeypatch, tmp_path):
@@ -412,14 +414,3 @@ def test_promptfoo_bin_missing_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(pf, "ROOT", tmp_path)
     with pytest.raises(FailedPrecondition, match="run infra/scripts/setup-promptfoo.sh"):
         pf.promptfoo_bin()
-
-
-def test_wilson():
-    low, high = pf.wilson(8, 10)
-    assert (round(low, 3), round(high, 3)) == (0.490, 0.943)
-    assert pf.wilson(0, 0) == (0.0, 1.0)
-    assert pf.wilson(0, 5)[0] == 0.0 and pf.wilson(5, 5)[1] == 1.0
-    lo, hi = pf.wilson(50, 100)
-    assert abs((lo + hi) / 2 - 0.5) < 1e-9 and round(lo, 3) == 0.404
-    with pytest.raises(ValueError):
-        pf.wilson(3, 2)

@@ -6,7 +6,6 @@ import pytest
 
 from services.core.errors import InvalidArgument
 from services.datagen.synth import Gate, chat_prompt, instructions, load_recipe, parse_score
-from services.datagen.teacher import engine_args
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "services" / "datagen" / "recipes").glob("*.yaml"))
 
@@ -70,13 +69,6 @@ def test_the_filters_reject_planted_bad_generations():
 
 def test_judge_scores_parse():
     assert parse_score("Score: 7") == 7.0 and parse_score("10/10") == 10.0 and parse_score("none") is None
-
-
-def test_engine_args_follow_the_device():
-    cpu, gpu = engine_args("/m", "cpu"), engine_args("/m", "cuda")
-    assert cpu["enforce_eager"] and cpu["kv_cache_memory_bytes"] > 0 and "gpu_memory_utilization" not in cpu
-    assert gpu["gpu_memory_utilization"] == 0.85 and "kv_cache_memory_bytes" not in gpu and "enforce_eager" not in gpu
-    assert cpu["model"] == gpu["model"] == "/m" and not cpu["trust_remote_code"]
 
 
 def tool_recipe():

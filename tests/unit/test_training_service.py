@@ -12,6 +12,8 @@ import yaml
 
 from services.core.artifacts import ArtifactStore
 from services.core.errors import FailedPrecondition, InvalidArgument
+from services.core.jobs import SubmitOptions
+from services.core.specs import parse
 from services.core.store import LocalObjectStore
 from services.gen.tunery.v1 import training_pb2
 from services.sdk.client import training_spec
@@ -52,12 +54,19 @@ def env(tmp_path):
     return svc, runner, art, model, data
 
 
-def submit(svc, raw, preset="", **kw):
-    return asyncio.run(svc.submit(raw, preset, **kw))
+def request(raw, preset=""):
+    """A request as the servicer hands it over: the typed spec (a module preset in lora.preset)."""
+    if preset:
+        raw = {**raw, "lora": {**raw.get("lora", {}), "preset": preset}}
+    return parse(TrainingJobSpec, raw)
+
+
+def submit(svc, raw, preset="", **options):
+    return asyncio.run(svc.submit(request(raw, preset), SubmitOptions(**options)))
 
 
 def plan(svc, raw, preset=""):
-    return asyncio.run(svc.plan(raw, preset))
+    return asyncio.run(svc.plan(request(raw, preset)))
 
 
 def req(model, data, **over):
@@ -194,19 +203,27 @@ def test_yaml_recipes_load_into_specs():
     for path in recipes:
         d = yaml.safe_load(path.read_text())
         pb_spec = training_spec({**d, "base_model": "model-x", "dataset": "dataset-y"})
-        raw, preset = spec_from_pb(pb_spec)
-        spec = TrainingJobSpec.model_validate({**raw, "name": "n"})
-        assert spec.method == d["method"] and preset == d["lora"].get("preset", "")
+        spec = spec_from_pb(pb_spec)
+        assert spec.method == d["method"] and spec.lora.preset == d["lora"].get("preset", "")
         assert spec.lora.rank == d["lora"]["rank"] and spec.optimizer.learning_rate == d["optimizer"]["learning_rate"]
         if d["method"] == "qlora":
             assert spec.qlora.compute_dtype == d["qlora"]["compute_dtype"] and spec.qlora.double_quant
 
 
-def test_proto_conversion_keeps_explicit_zero_rank_and_unknown_enums():
+def test_proto_conversion_keeps_explicit_zero_rank_and_refuses_unknown_enums():
     s = training_spec({"base_model": "m", "dataset": "d", "lora": {"rank": 0}})
-    raw, _ = spec_from_pb(s)
-    assert raw["lora"] == {"rank": 0}  # optional: an explicit 0 reaches validation
-    s.method = 42
-    assert spec_from_pb(s)[0]["method"] == "unknown method 42"
-    s = training_pb2.TrainingSpec()
-    assert spec_from_pb(s) == ({}, "")
+    with pytest.raises(InvalidArgument, match="spec.lora.rank: must be > 0"):  # optional: an explicit 0 is refused,
+        spec_from_pb(s)                                                       # not defaulted
+    # an enum number outside the enum (a newer client's, or a fuzzer's) names its field, never a KeyError
+    for field, value in (("method", 42), ("strategy", 7), ("precision", 70)):
+        s = training_spec({"base_model": "m", "dataset": "d"})
+        setattr(s, field, value)
+        with pytest.raises(InvalidArgument) as e:
+            spec_from_pb(s)
+        assert [v.field for v in e.value.violations] == [f"spec.{field}"] and str(value) in str(e.value)
+    s = training_spec({"base_model": "m", "dataset": "d"})
+    s.qlora.compute_dtype = 99
+    with pytest.raises(InvalidArgument, match="spec.qlora.compute_dtype"):
+        spec_from_pb(s)
+    empty = spec_from_pb(training_pb2.TrainingSpec())  # every field defaulted; the service says what is required
+    assert empty == TrainingJobSpec() and not empty.base_model.uri

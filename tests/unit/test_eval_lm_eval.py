@@ -1,16 +1,18 @@
-"""lm-eval in the general block, the pure-Python half (services/evaluation/harness.py): local task files checked
+"""lm-eval in the general block, the pure-Python half (services/evaluation/lm_eval_tasks.py, lm_eval_run.py): local task files checked
 as lm-eval loads them (file and line in every refusal), task names against the pinned lm-eval's index, samples
 turned into tests, task metrics, the model arguments per device; and the comparison's per-task deltas."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import yaml
 
 from services.core.errors import InvalidArgument
-from services.evaluation import harness as H
+from services.evaluation import lm_eval_run as R
+from services.evaluation import lm_eval_tasks as T
 from services.evaluation.scoring import compare, lm_eval_deltas
 
 FACTS = [{"id": f"c{i}", "answer": a, "category": "capital", "sentence": f"The capital of {c} is {a}."}
@@ -29,15 +31,15 @@ def files(cfg=None, **extra) -> dict[str, bytes]:
 
 def refused(fs, *words):
     with pytest.raises(InvalidArgument) as e:
-        H.load_task_files(fs, "tasks")
+        T.load_task_files(fs, "tasks")
     for w in words:
         assert w in str(e.value), str(e.value)
     return str(e.value)
 
 
 def test_the_index_is_the_pinned_lm_eval_and_knows_its_standard_tasks():
-    index = H.standard_index()
-    assert index.version == H.LM_EVAL_VERSION
+    index = T.standard_index()
+    assert index.version == T.LM_EVAL_VERSION
     assert index.kind("hellaswag") == "task" and index.output_types("hellaswag") == {"multiple_choice"}
     assert index.kind("mmlu") == "group" and index.output_types("gsm8k") == {"generate_until"}
     assert {"doc_to_text", "metric_list", "dataset_kwargs"} <= index.task_keys
@@ -45,23 +47,23 @@ def test_the_index_is_the_pinned_lm_eval_and_knows_its_standard_tasks():
 
 
 def test_fact_sentences_become_a_multiple_choice_task_lm_eval_can_load():
-    fs = H.fact_task_files(FACTS, choices=3, seed=1)
+    fs = T.fact_task_files(FACTS, choices=3, seed=1)
     docs = [json.loads(line) for line in fs["fact_sentences.jsonl"].decode().splitlines()]
     assert len(docs) == 5 and docs[0]["context"] == "The capital of France is"
     assert all(len(d["choices"]) == 3 and d["choices"][d["label"]] == f["answer"] for d, f in zip(docs, FACTS))
-    assert H.fact_task_files(FACTS, choices=3, seed=1) == fs  # seeded
-    tf = H.load_task_files(fs, "facts")
+    assert T.fact_task_files(FACTS, choices=3, seed=1) == fs  # seeded
+    tf = T.load_task_files(fs, "facts")
     [task] = tf.tasks.values()
     assert (task.name, task.kind, task.docs, task.output_types) == ("fact_sentences", "task", 5,
                                                                     {"multiple_choice"})
-    assert H.resolve([], tf) == [H.Resolved("fact_sentences", "local", frozenset({"multiple_choice"}), False)]
+    assert T.resolve([], tf) == [T.Resolved("fact_sentences", "local", frozenset({"multiple_choice"}), False)]
 
 
 def test_a_valid_generate_task_counts_its_documents():
-    tf = H.load_task_files(files(), "tasks")
+    tf = T.load_task_files(files(), "tasks")
     assert tf.tasks["gen"].docs == 3 and tf.tasks["gen"].split == "test" and not tf.tasks["gen"].hub
-    assert tf.sha256() == H.load_task_files(files(), "elsewhere").sha256()  # content, not where it came from
-    assert tf.sha256() != H.load_task_files(files(**{"d.jsonl": ROWS + b'{"q": "x", "a": "y"}\n'}), "t").sha256()
+    assert tf.sha256() == T.load_task_files(files(), "elsewhere").sha256()  # content, not where it came from
+    assert tf.sha256() != T.load_task_files(files(**{"d.jsonl": ROWS + b'{"q": "x", "a": "y"}\n'}), "t").sha256()
 
 
 def test_malformed_yaml_names_the_file_and_line():
@@ -89,7 +91,7 @@ def test_task_config_refusals_say_what_to_fix(change, words):
     cfg = {**GEN, **change}
     cfg = {k: v for k, v in cfg.items() if v is not None}
     if not words:
-        assert H.load_task_files(files(cfg), "tasks").tasks["gen"].docs is None  # process_docs may change the count
+        assert T.load_task_files(files(cfg), "tasks").tasks["gen"].docs is None  # process_docs may change the count
         return
     refused(files(cfg), *words)
 
@@ -99,10 +101,10 @@ def test_data_files_are_checked_row_by_row():
     refused(files(**{"d.jsonl": b'{"q": "a", "a": "b"}\n[1, 2]\n'}), "line 2: a row must be a JSON object")
     refused(files(**{"d.jsonl": b"\n\n"}), "its 'test' split (d.jsonl) has no rows: zero tests")
     cfg = {**GEN, "dataset_path": "csv", "dataset_kwargs": {"data_files": {"test": "d.csv"}}}
-    assert H.load_task_files({"gen.yaml": yaml.safe_dump(cfg).encode(), "d.csv": b"q,a\n1+1=,2\n"},
+    assert T.load_task_files({"gen.yaml": yaml.safe_dump(cfg).encode(), "d.csv": b"q,a\n1+1=,2\n"},
                              "t").tasks["gen"].docs == 1
     cfg = {**GEN, "dataset_kwargs": {"data_files": {"test": "d.json"}}}
-    assert H.load_task_files({"gen.yaml": yaml.safe_dump(cfg).encode(), "d.json": b'[{"q": 1, "a": 2}]'},
+    assert T.load_task_files({"gen.yaml": yaml.safe_dump(cfg).encode(), "d.json": b'[{"q": 1, "a": 2}]'},
                              "t").tasks["gen"].docs == 1
 
 
@@ -116,7 +118,7 @@ def test_file_names_and_shapes():
     refused({"a.yaml": yaml.safe_dump(GEN).encode(), "b.yaml": yaml.safe_dump(GEN).encode(), "d.jsonl": ROWS},
             "task 'gen' is also defined in a.yaml")
     with pytest.raises(InvalidArgument, match="has no files"):
-        H.load_task_files({}, "tasks")
+        T.load_task_files({}, "tasks")
 
 
 def test_includes_merge_like_lm_eval_and_a_template_file_may_define_no_task():
@@ -125,7 +127,7 @@ def test_includes_merge_like_lm_eval_and_a_template_file_may_define_no_task():
           "one.yaml": b"include: _template.yaml\ntask: one\ndataset_kwargs: {data_files: {test: sub/d.jsonl}}\n",
           "two.yaml": b"include: _template.yaml\ntask: two\ndataset_kwargs: {data_files: {test: sub/d.jsonl}}\n"
                       b"doc_to_target: '{{q}}'\n"}
-    tf = H.load_task_files(fs, "t")
+    tf = T.load_task_files(fs, "t")
     assert sorted(tf.leaf_tasks()) == ["one", "two"] and tf.tasks["one"].docs == 3
     refused({**fs, "three.yaml": b"include: nope.yaml\ntask: three\n"}, "nope.yaml is not among the task files")
     refused({"a.yaml": b"include: b.yaml\ntask: a\n", "b.yaml": b"include: a.yaml\n"}, "include cycle")
@@ -135,23 +137,23 @@ def test_function_helpers_must_ship_beside_the_yaml():
     cfg = {**GEN, "process_results": "!function utils.score"}
     text = yaml.safe_dump(cfg).replace("'!function utils.score'", "!function utils.score").encode()
     refused({"gen.yaml": text, "d.jsonl": ROWS}, "utils.py is not among the task files")
-    assert H.load_task_files({"gen.yaml": text, "d.jsonl": ROWS, "utils.py": b"def score(d, r): return {}\n"}, "t")
+    assert T.load_task_files({"gen.yaml": text, "d.jsonl": ROWS, "utils.py": b"def score(d, r): return {}\n"}, "t")
 
 
 def test_groups_hub_datasets_and_resolution():
     group = b"group: both\ntask:\n  - gen\n  - hellaswag\n"
-    tf = H.load_task_files(files(**{"group.yaml": group}), "t")
+    tf = T.load_task_files(files(**{"group.yaml": group}), "t")
     assert tf.tasks["both"].kind == "group" and tf.tasks["both"].output_types == {"generate_until",
                                                                                    "multiple_choice"}
-    [r] = H.resolve(["both"], tf)
+    [r] = T.resolve(["both"], tf)
     assert r.source == "local" and r.hub  # hellaswag comes from the hub
     refused(files(**{"group.yaml": b"group: g\ntask: [gen, nosuchtask]\n"}), "unknown task 'nosuchtask'")
     hub = {**GEN, "dataset_path": "org/some-dataset"}
     hub.pop("dataset_kwargs")
-    assert H.resolve(["gen"], H.load_task_files({"gen.yaml": yaml.safe_dump(hub).encode()}, "t"))[0].hub
+    assert T.resolve(["gen"], T.load_task_files({"gen.yaml": yaml.safe_dump(hub).encode()}, "t"))[0].hub
     evm = {**GEN, "metric_list": [{"metric": "rouge", "hf_evaluate": True}]}
-    assert H.load_task_files(files(evm), "t").tasks["gen"].hub == "evaluate metrics rouge"
-    std = H.resolve(["arc_easy", "gen"], tf)
+    assert T.load_task_files(files(evm), "t").tasks["gen"].hub == "evaluate metrics rouge"
+    std = T.resolve(["arc_easy", "gen"], tf)
     assert [(x.name, x.source, x.hub) for x in std] == [("arc_easy", "standard", True), ("gen", "local", False)]
 
 
@@ -163,7 +165,7 @@ def test_groups_hub_datasets_and_resolution():
 ])
 def test_task_names_are_resolved_or_refused_with_suggestions(names, words):
     with pytest.raises(InvalidArgument, match=words):
-        H.resolve(names, None if not names or names == ["helaswag"] else H.load_task_files(files(), "t"))
+        T.resolve(names, None if not names or names == ["helaswag"] else T.load_task_files(files(), "t"))
 
 
 # samples as lm-eval 0.4.13's simple_evaluate returns them (log_samples=True), before the tracker saves them
@@ -176,7 +178,7 @@ MC_SAMPLE = {"doc_id": 0, "doc": {}, "target": 0, "filter": "none", "metrics": [
 def test_samples_a_binary_metric_scores_become_general_tests():
     cfg = {"output_type": "multiple_choice", "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
     wrong = {**MC_SAMPLE, "doc_id": 1, "filtered_resps": [[-9.0, False], [-1.0, True]], "acc": 0.0}
-    [a, b] = H.sample_tests("facts", [MC_SAMPLE, wrong], cfg)
+    [a, b] = R.sample_tests("facts", [MC_SAMPLE, wrong], cfg)
     assert a == {"id": "lm-eval/facts/0", "block": "general", "prompt": "The capital of France is",
                  "output": "Paris", "passed": True, "expected": "Paris", "latency_ms": 0.0, "reason": ""}
     assert (b["output"], b["passed"], b["reason"]) == ("London", False, "acc 0 (expected 'Paris')")
@@ -185,10 +187,10 @@ def test_samples_a_binary_metric_scores_become_general_tests():
             "filtered_resps": ["4"], "exact_match": 1.0},
            {"doc_id": 3, "target": "4", "filter": "flexible", "arguments": [["2+2=", {}]], "filtered_resps": ["5"],
             "exact_match": 0.0}]
-    [g] = H.sample_tests("math", gen, gen_cfg)  # the first filter only
+    [g] = R.sample_tests("math", gen, gen_cfg)  # the first filter only
     assert (g["id"], g["output"], g["passed"]) == ("lm-eval/math/3", "4", True)
     rolling = [{"doc_id": 0, "filter": "none", "arguments": [["text"]], "word_perplexity": 12.5}]
-    assert H.sample_tests("wiki", rolling, {"output_type": "loglikelihood_rolling"}) == []
+    assert R.sample_tests("wiki", rolling, {"output_type": "loglikelihood_rolling"}) == []
 
 
 def test_task_summaries_read_lm_evals_results():
@@ -197,22 +199,22 @@ def test_task_summaries_read_lm_evals_results():
                "configs": {"facts": {"output_type": "multiple_choice", "metric_list": [{"metric": "acc"}]}},
                "n-shot": {"facts": 0}, "n-samples": {"facts": {"original": 4, "effective": 4}},
                "versions": {"facts": 1}, "higher_is_better": {"facts": {"acc": True, "acc_norm": True}}}
-    s = H.task_summaries(results, {"facts": "local"})["facts"]
+    s = R.task_summaries(results, {"facts": "local"})["facts"]
     assert (s["primary"], s["value"], s["primary_stderr"], s["n"], s["source"]) == ("acc", 0.75, 0.1, 4, "local")
     assert s["metrics"] == {"acc": 0.75, "acc_norm": 0.5} and s["higher_is_better"] is True
 
 
 def test_model_args_per_device_and_tokenizer():
-    local = H.model_args(base_url="http://127.0.0.1:9/v1", model="m", tokenizer="/models/m", max_length=512,
+    local = R.model_args(base_url="http://127.0.0.1:9/v1", model="m", tokenizer="/models/m", max_length=512,
                          seed=3, device="cpu")
     assert local["base_url"] == "http://127.0.0.1:9/v1/completions" and local["tokenizer_backend"] == "huggingface"
     assert local["num_concurrent"] == 1 and local["tokenized_requests"] and local["seed"] == 3
-    gpu = H.model_args(base_url="http://h/v1", model="m", tokenizer="/m", max_length=4096, seed=0, device="cuda")
+    gpu = R.model_args(base_url="http://h/v1", model="m", tokenizer="/m", max_length=4096, seed=0, device="cuda")
     assert gpu["num_concurrent"] == 8 and gpu["max_length"] == 4096
-    remote = H.model_args(base_url="http://h/v1", model="m", tokenizer=None, max_length=2048, seed=0, device="cpu",
+    remote = R.model_args(base_url="http://h/v1", model="m", tokenizer=None, max_length=2048, seed=0, device="cpu",
                           remote_tokenizer=True, api_key="k")
     assert remote["tokenizer_backend"] == "remote" and remote["header"] == {"Authorization": "Bearer k"}
-    none = H.model_args(base_url="http://h/v1", model="m", tokenizer=None, max_length=2048, seed=0, device="cpu")
+    none = R.model_args(base_url="http://h/v1", model="m", tokenizer=None, max_length=2048, seed=0, device="cpu")
     assert none["tokenizer_backend"] == "none" and not none["tokenized_requests"]
 
 
@@ -255,5 +257,30 @@ def test_includes_may_climb_within_the_root_but_not_above_it():
     base = {k: v for k, v in GEN.items() if k != "task"}
     fs = {"_template.yaml": yaml.safe_dump(base).encode(), "d.jsonl": ROWS,
           "sub/one.yaml": b"include: ../_template.yaml\ntask: one\n"}
-    assert H.load_task_files(fs, "t").tasks["one"].docs == 3
+    assert T.load_task_files(fs, "t").tasks["one"].docs == 3
     refused({**fs, "sub/one.yaml": b"include: ../../_template.yaml\ntask: one\n"}, "above their root")
+
+
+def test_an_unreachable_hub_puts_the_worker_offline_at_once(monkeypatch, tmp_path):
+    """Standard tasks on a worker that cannot reach the hub load from the datasets cache or fail at once, instead
+    of huggingface_hub's retries (~30 s a request); a reachable hub is used."""
+    import socket
+
+    from services.core.net import free_port
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_DATASETS_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    assert not R.hub_reachable(timeout_s=1.0)
+    assert R.prepare_environment(tmp_path, hub=True) is False
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var)
+    with socket.socket() as listener:  # a hub that answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        assert R.prepare_environment(tmp_path, hub=True) is True
+        assert "HF_HUB_OFFLINE" not in os.environ and "HF_DATASETS_OFFLINE" not in os.environ
+    assert R.prepare_environment(tmp_path, hub=False) is False  # local tasks never reach for the network
+    assert os.environ["HF_HUB_OFFLINE"] == "1"

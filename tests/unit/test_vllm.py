@@ -1,5 +1,6 @@
-"""The eval engine's control-plane half (services/evaluation/engine.py) without vLLM: the exact server command and
-environment for CPU and CUDA (the CUDA path is checked as the command it builds), the tool-call parser per family.
+"""vLLM's control-plane half (services/core/vllm.py) without vLLM: what the server command asks for and the
+environment, on CPU and CUDA (the CUDA path is checked as the command it builds), the offline engine's arguments,
+the tool-call parser per family.
 The server itself runs in tests/unit/serve/test_vllm_server.py (serve venv)."""
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from services.evaluation.engine import (
+from services.core.vllm import (
     CPU_KV_CACHE_BYTES,
     TOOL_PARSERS,
     ServerSpec,
     context_length,
+    engine_args,
     engine_info,
     lora_rank_bucket,
     lora_rank_of,
+    offline_env,
     server_command,
     server_env,
     tool_call_parser_for,
@@ -42,40 +45,52 @@ def adapter(tmp_path):
     return d
 
 
-def test_cpu_command_is_exact(adapter):
+def flags(cmd: list[str]) -> dict[str, list[str]]:
+    """The server's arguments as {--flag: [values]}: what the command asks vLLM for, whatever the order."""
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"], cmd[:3]
+    out: dict[str, list[str]] = {}
+    flag = None
+    for arg in cmd[3:]:
+        if arg.startswith("--"):
+            assert arg not in out, f"{arg} given twice in {cmd}"
+            out[arg], flag = [], arg
+        else:
+            assert flag is not None, f"{arg!r} follows no flag in {cmd}"
+            out[flag].append(arg)
+    return out
+
+
+def test_cpu_command_serves_the_base_and_adapter_on_the_cpu_settings(adapter):
     spec = ServerSpec(model_dir="/m/base", served_name="base", adapters={"tuned": str(adapter)}, max_lora_rank=8,
                       tool_call_parser="hermes", seed=7, max_model_len=512, kv_cache_bytes=64 << 20)
-    assert server_command(spec, 8123, PY) == [
-        PY, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", "/m/base", "--served-model-name", "base",
-        "--host", "127.0.0.1", "--port", "8123",
-        "--dtype", "auto", "--seed", "7",
-        "--generation-config", "vllm",
-        "--disable-uvicorn-access-log",
-        "--max-model-len", "512",
-        "--enforce-eager", "--kv-cache-memory-bytes", str(64 << 20),
-        "--enable-lora", "--max-lora-rank", "8", "--max-loras", "1", "--lora-modules", f"tuned={adapter}",
-        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
-    ]
+    cmd = server_command(spec, 8123, PY)
+    assert cmd[0] == PY
+    assert flags(cmd) == {
+        "--model": ["/m/base"], "--served-model-name": ["base"], "--host": ["127.0.0.1"], "--port": ["8123"],
+        "--dtype": ["auto"], "--seed": ["7"],
+        "--generation-config": ["vllm"],  # vLLM's neutral sampling defaults, never the model's
+        "--disable-uvicorn-access-log": [], "--max-model-len": ["512"],
+        "--enforce-eager": [], "--kv-cache-memory-bytes": [str(64 << 20)],  # CPU: eager, an explicit KV cache
+        "--enable-lora": [], "--max-lora-rank": ["8"], "--max-loras": ["1"], "--lora-modules": [f"tuned={adapter}"],
+        "--enable-auto-tool-choice": [], "--tool-call-parser": ["hermes"],
+    }
 
 
-def test_cuda_command_is_exact(adapter):
+def test_cuda_command_takes_a_share_of_the_gpu_and_every_adapter(adapter):
     spec = ServerSpec(model_dir="/m/base", served_name="base", adapters={"tuned": str(adapter), "other": "/a/2"},
                       max_lora_rank=16, tool_call_parser="llama3_json", dtype="bfloat16", device="cuda",
                       gpu_memory_utilization=0.8, extra_args=["--max-num-seqs", "64"])
-    assert server_command(spec, 9000, PY) == [
-        PY, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", "/m/base", "--served-model-name", "base",
-        "--host", "127.0.0.1", "--port", "9000",
-        "--dtype", "bfloat16", "--seed", "0",
-        "--generation-config", "vllm",
-        "--disable-uvicorn-access-log",
-        "--gpu-memory-utilization", "0.8",
-        "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
-        "--lora-modules", f"tuned={adapter}", "other=/a/2",
-        "--enable-auto-tool-choice", "--tool-call-parser", "llama3_json",
-        "--max-num-seqs", "64",
-    ]
+    cmd = server_command(spec, 9000, PY)
+    assert flags(cmd) == {
+        "--model": ["/m/base"], "--served-model-name": ["base"], "--host": ["127.0.0.1"], "--port": ["9000"],
+        "--dtype": ["bfloat16"], "--seed": ["0"], "--generation-config": ["vllm"], "--disable-uvicorn-access-log": [],
+        "--gpu-memory-utilization": ["0.8"],  # CUDA: a share of the GPU; no eager mode, no fixed KV cache
+        "--enable-lora": [], "--max-lora-rank": ["16"], "--max-loras": ["2"],
+        "--lora-modules": [f"tuned={adapter}", "other=/a/2"],
+        "--enable-auto-tool-choice": [], "--tool-call-parser": ["llama3_json"],
+        "--max-num-seqs": ["64"],  # the caller's extra arguments, passed through
+    }
+    assert cmd[-2:] == ["--max-num-seqs", "64"]  # ... last, so they can override ours
 
 
 def test_device_selects_only_its_own_arguments():
@@ -177,6 +192,18 @@ LLAMA4 = """{%- if tools is not none %}{{- "<|header_start|>system<|header_end|>
 {%- for message in messages %}{{- '<|header_start|>' + message['role'] + '<|header_end|>\\n\\n' }}{%- endfor %}"""
 
 
+def test_offline_engine_args_and_env_follow_the_device():
+    cpu, gpu = engine_args("/m", "cpu"), engine_args("/m", "cuda")
+    assert cpu["enforce_eager"] and cpu["kv_cache_memory_bytes"] > 0 and "gpu_memory_utilization" not in cpu
+    assert gpu["gpu_memory_utilization"] == 0.85 and "kv_cache_memory_bytes" not in gpu and "enforce_eager" not in gpu
+    assert cpu["model"] == gpu["model"] == "/m" and not cpu["trust_remote_code"]
+    assert offline_env("cpu") == {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+                                  "PYTHONUNBUFFERED": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+                                  "OMP_NUM_THREADS": "1"}
+    assert offline_env("cuda") == {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+                                   "PYTHONUNBUFFERED": "1"}
+
+
 def test_fixture_template_is_hermes():
     template = (TINY / "chat_template.jinja").read_text()  # ChatML with <tool_call> blocks (make fixtures)
     config = json.loads((TINY / "config.json").read_text())
@@ -209,7 +236,7 @@ def test_context_length_is_capped(tmp_path):
 
 
 def test_engine_module_imports_no_engine_and_names_it():
-    code = ("import sys, services.evaluation.engine; "
+    code = ("import sys, services.core.vllm; "
             "print(sorted(m for m in ('vllm', 'torch', 'openai', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

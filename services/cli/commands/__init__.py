@@ -1,0 +1,1 @@
+"""The `tunery` command groups, one module each."""

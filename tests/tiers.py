@@ -1,0 +1,49 @@
+"""A pytest plugin (tests/conftest.py loads it): each test is marked with its directory's tier (unit, integration,
+e2e: `make test-unit` and the like select by marker), and under TUNERY_STRICT_SKIPS=1 (`make test`) a skip fails
+the run unless its reason is one of ALLOWED_SKIPS: a broken venv, a missing package or fixture cannot pass
+silently."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+TIERS = ("unit", "integration", "e2e")
+TESTS = Path(__file__).resolve().parent
+# The only reasons a test may skip under `make test`: hardware this machine lacks.
+ALLOWED_SKIPS = ("needs a GPU", "needs CUDA")
+
+_unexpected: list[str] = []
+
+
+def _strict() -> bool:
+    return os.environ.get("TUNERY_STRICT_SKIPS") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = Path(str(item.fspath)).resolve()
+        if path.is_relative_to(TESTS) and path.relative_to(TESTS).parts[0] in TIERS:
+            item.add_marker(getattr(pytest.mark, path.relative_to(TESTS).parts[0]))
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if not any(ok in reason for ok in ALLOWED_SKIPS):
+            _unexpected.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _unexpected and _strict():
+        terminalreporter.section("skips that are not allowed (TUNERY_STRICT_SKIPS=1)", red=True)
+        for line in _unexpected:
+            terminalreporter.line(line)
+        terminalreporter.line(f"allowed skip reasons: {', '.join(ALLOWED_SKIPS)}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _unexpected and _strict() and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
