@@ -3,7 +3,7 @@ PEFT script, same tiny model, same data, same hyperparameters, side by side in o
 
     .venvs/train/bin/python -m bench.train_throughput [--examples 1000] [--epochs 1] [--repeats 3] [--job-micro-batch-size N]
 
-- job:  services.training.job.fit with a TrainingJobSpec (packing=True: the job pre-tokenizes with the chat
+- job:  services.training.sft.fit with a TrainingJobSpec (packing=True: the job pre-tokenizes with the chat
         template, assistant-only loss masks, TRL's BFD packing, padding-free batches with position_ids), called
         in-process with a stand-in job context whose artifacts are a real ArtifactStore over a local store in a
         temp dir (checkpoints go there, as in a job).

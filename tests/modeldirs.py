@@ -73,3 +73,42 @@ def make_sharded_model(path: Path, shards: int, floats_per_shard: int = 16384) -
         weight_map[tensor] = name
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
+
+
+def reshard(src: Path, dest: Path, max_bytes: int) -> Path:
+    """A copy of a safetensors model directory with its tensors spread over shards of at most `max_bytes` (a
+    larger tensor gets one of its own) and an index: the same weights, byte for byte, as a multi-shard model."""
+    import shutil
+
+    dest.mkdir(parents=True)
+    for p in src.iterdir():
+        if p.is_file() and not p.name.endswith(".safetensors") and p.name != "model.safetensors.index.json":
+            shutil.copy(p, dest / p.name)
+    tensors: list[tuple[str, dict, bytes]] = []
+    for shard in sorted(src.glob("*.safetensors")):
+        raw = shard.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + n])
+        body = raw[8 + n:]
+        for name, t in header.items():
+            if name != "__metadata__":
+                begin, end = t["data_offsets"]
+                tensors.append((name, {"dtype": t["dtype"], "shape": t["shape"]}, body[begin:end]))
+    groups: list[list[tuple[str, dict, bytes]]] = [[]]
+    for item in tensors:
+        if groups[-1] and sum(len(b) for *_, b in groups[-1]) + len(item[2]) > max_bytes:
+            groups.append([])
+        groups[-1].append(item)
+    weight_map = {}
+    for i, group in enumerate(groups):
+        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for tensor, info, data in group:
+            header[tensor] = {**info, "data_offsets": [offset, offset + len(data)]}
+            offset += len(data)
+            weight_map[tensor] = name
+        head = json.dumps(header).encode()
+        head += b" " * (-len(head) % 8)
+        (dest / name).write_bytes(struct.pack("<Q", len(head)) + head + b"".join(d for *_, d in group))
+    (dest / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return dest

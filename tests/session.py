@@ -30,7 +30,7 @@ BUCKET = "tunery-it"
 FOUNDATION = REPO / "fixtures" / "foundation"
 # what the seeded style adapter teaches: every answer ends with this (a changed answer the base never gives)
 STYLE = "{answer}, my friend."
-SERVICES = ("datagen", "training", "evaluation")  # besides the registry: the services that are implemented
+SERVICES = ("datagen", "training", "merging", "evaluation")  # besides the registry: the implemented services
 
 
 def fixture_model(name: str) -> Path:
@@ -194,6 +194,17 @@ class Seed:
     def style_adapter(self) -> str:
         """The one adapter trained in the test run: LoRA r=8 on the style data (the demo's recipe)."""
         return next(o.uri for o in self.style_training_job.outputs if "/adapter-" in o.uri)
+
+    @cached_property
+    def merged_job(self):
+        """The seeded adapter merged into the foundation (its own dtype, bf16), checked equal to base + adapter."""
+        return succeeded(self.client, self.client.submit_merge(self.foundation, self.style_adapter,
+                                                               key=f"{self.project}-merge"), 600)
+
+    @cached_property
+    def merged(self) -> str:
+        """The foundation with the style adapter merged in: the model artifact later stages start from."""
+        return self.merged_job.outputs[-1].uri
 
     def download_dir(self, artifact: str, dest: Path) -> Path:
         """Every file of an artifact into `dest` (sha256-verified by the download)."""

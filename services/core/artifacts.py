@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 from services.core.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound
 from services.core.keys import validate_id, validate_name, validate_relpath
 from services.core.store import ObjectStore
+from services.core.weights import TensorInfo, read_header
 
 KINDS = ("model", "dataset", "adapter", "report", "checkpoint", "suite")
 URI_SCHEME = "tunery://"
@@ -244,6 +245,17 @@ class ArtifactStore:
         if hashlib.sha256(data).hexdigest() != entry.sha256:
             raise IntegrityError(f"blob for {path} does not match its sha256 {entry.sha256}")
         return data
+
+    def tensors(self, m: Manifest) -> dict[str, dict[str, TensorInfo]]:
+        """Every *.safetensors file of an artifact -> its tensors, read from the headers alone (ranged reads of the
+        blobs; no weights are downloaded)."""
+        out = {}
+        for f in m.files:
+            if f.path.endswith(".safetensors"):
+                key = self.blob_key(f.sha256)
+                out[f.path] = read_header(lambda offset, length, key=key: self.objects.get_range(key, offset, length),
+                                          f.size, f"{m.id}/{f.path}", field="artifact")
+        return out
 
     def materialize(self, ref: ArtifactRef | str, cache_dir: Path, paths: Iterable[str] | None = None) -> Path:
         """Download an artifact's files into cache_dir/<project>/<id>, each verified against its sha256.

@@ -48,3 +48,15 @@ def stop_group(pgid: int, grace: float) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def die_with_parent():  # pragma: no cover - runs in the child between fork and exec
+    """`preexec_fn` of a child that must not outlive the job that started it (a vLLM server, a merge's check): on
+    Linux it gets SIGTERM when its parent dies (a job killed with SIGKILL). The kernel ties this to the starting
+    *thread*: start the child from a thread that lives as long as the child should."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no glibc: the child is still stopped by its owner
+        return

@@ -29,6 +29,7 @@ class ObjectStore(Protocol):
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def put_file(self, key: str, path: Path) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
+    def get_range(self, key: str, offset: int, length: int) -> bytes: ...
     def get_file(self, key: str, dest: Path) -> None: ...
     def list(self, prefix: str, start_after: str = "") -> Iterator[str]: ...
     def delete(self, key: str) -> None: ...
@@ -74,6 +75,14 @@ class LocalObjectStore:
         if not p.is_file():
             raise NotFound(f"object {key} not found in {self.url}")
         return p.read_bytes()
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        p = self._path(key)
+        if not p.is_file():
+            raise NotFound(f"object {key} not found in {self.url}")
+        with open(p, "rb") as f:
+            f.seek(offset)
+            return f.read(length)
 
     def get_file(self, key: str, dest: Path) -> None:
         p = self._path(key)
@@ -178,6 +187,22 @@ class S3ObjectStore:
         self._ready()
         try:
             resp = self.client.get_object(self.bucket, validate_key(key))
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchObject"):
+                raise NotFound(f"object {key} not found in {self.url}") from e
+            raise
+        try:
+            return resp.read()
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        from minio.error import S3Error
+
+        self._ready()
+        try:
+            resp = self.client.get_object(self.bucket, validate_key(key), offset=offset, length=length)
         except S3Error as e:
             if e.code in ("NoSuchKey", "NoSuchObject"):
                 raise NotFound(f"object {key} not found in {self.url}") from e

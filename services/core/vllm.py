@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.core.net import LOOPBACK, free_port
-from services.core.processes import group_alive
+from services.core.processes import die_with_parent, group_alive
 
 HOST = LOOPBACK
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
@@ -188,18 +188,6 @@ def engine_info(python: str | None = None) -> dict:
     return {"engine": "vllm", "version": "", "distribution": ""}
 
 
-def _die_with_parent():  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the server gets SIGTERM when the process that started it dies (a job killed with SIGKILL), since it
-    runs in its own session and would otherwise outlive it. The kernel ties this to the starting *thread*: start
-    the server from a thread that lives as long as the server should."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # no glibc: the server is still stopped by stop()
-        return
-
-
 class ServerError(RuntimeError):
     pass
 
@@ -265,7 +253,7 @@ class VLLMServer:
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True,
                                          # one prctl call, no locks taken: safe between fork and exec
-                                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                                         preexec_fn=die_with_parent if sys.platform == "linux" else None)
         try:
             self._wait_ready(t0)
         except BaseException:

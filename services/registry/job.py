@@ -10,7 +10,7 @@ from pathlib import Path
 
 from services.core.artifacts import ArtifactWriter
 from services.core.jobctx import JobContext, run_job
-from services.registry.modelcheck import inspect_model
+from services.core.modeldir import inspect_model
 from services.registry.service import HUB_PREFIX
 from services.registry.spec import ImportDatasetSpec, ImportModelSpec
 

@@ -13,7 +13,7 @@ from services.core.job_api import JobService, page_size
 from services.core.jobs import JobRecord, JobRunner, Resources, SubmitOptions
 from services.core.keys import validate_id, validate_name
 from services.core.settings import ServiceSettings, port_field
-from services.registry.modelcheck import quick_check
+from services.core.modeldir import quick_check
 from services.registry.spec import DATASET_SUFFIXES, ImportDatasetSpec, ImportModelSpec
 
 HUB_PREFIX = "hf://"

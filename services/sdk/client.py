@@ -25,6 +25,8 @@ from services.gen.tunery.v1 import (
     datagen_pb2_grpc,
     evaluation_pb2,
     evaluation_pb2_grpc,
+    merging_pb2,
+    merging_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
     training_pb2,
@@ -99,6 +101,7 @@ class TuneryClient:
         self.datagen = datagen_pb2_grpc.DatagenServiceStub(self._channel("datagen"))
         self.training = training_pb2_grpc.TrainingServiceStub(self._channel("training"))
         self.evaluation = evaluation_pb2_grpc.EvaluationServiceStub(self._channel("evaluation"))
+        self.merging = merging_pb2_grpc.MergingServiceStub(self._channel("merging"))
 
     def _channel(self, service: str) -> grpc.Channel:
         if service not in self._channels:
@@ -234,6 +237,17 @@ class TuneryClient:
             baseline=ref(baseline), candidate=ref(candidate),
             prompting_baseline=ref(prompting_baseline) if prompting_baseline else None, gates=gates,
             allow_uncontrolled=allow_uncontrolled))
+
+    # ------------------------------------------------------------------ merging
+    def submit_merge(self, base_model: str, adapter: str, *, output_dtype: int = 0, max_shard_bytes: int = 0,
+                     memory_budget_bytes: int = 0, name: str = "", num_probe_prompts: int = 0, key: str = "",
+                     options: pb.SubmitOptions | None = None) -> pb.Job:
+        """Merge `adapter` into `base_model` (output_dtype: a common_pb2.Precision, default the base's)."""
+        spec = merging_pb2.MergeSpec(base_model=ref(base_model), adapter=ref(adapter), output_dtype=output_dtype,
+                                     max_shard_bytes=max_shard_bytes, memory_budget_bytes=memory_budget_bytes,
+                                     name=name, num_probe_prompts=num_probe_prompts)
+        return self._call(self.merging.SubmitMerge,
+                          merging_pb2.SubmitMergeRequest(spec=spec, options=self._options(key, options)))
 
     # ------------------------------------------------------------------ jobs (any service's; routed via the registry)
     def get_job(self, job_id: str) -> pb.Job:

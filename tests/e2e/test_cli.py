@@ -171,3 +171,15 @@ def test_data_arc_generate_prepare_report(cli_env, vllm_endpoint):
     assert shown["metadata"]["rank"] == 4 and [p["uri"] for p in shown["parents"]] == [model["ref"]["uri"], prepared]
     bad = tunery(cli_env, "train", "submit", str(recipe), "--base", model["id"], "--dataset", synthetic, check=False)
     assert bad.returncode == 2 and "FAILED_PRECONDITION" in bad.stderr and "prepare" in bad.stderr
+    # merge: a progress bar over the shards, the equivalence figures, a multi-shard model artifact
+    merged = tunery(cli_env, "merge", model["id"], adapter, "--max-shard-size", "1MB")
+    assert "100%" in merged.stderr and "greedy identical" in merged.stdout, merged.stdout + merged.stderr
+    uri = merged.stdout.split("merged model: ", 1)[1].split()[0]
+    shown = json.loads(tunery(cli_env, "--json", "artifacts", "show", uri).stdout)
+    assert shown["metadata"]["form"] == "merged" and [p["uri"] for p in shown["parents"]] == [model["ref"]["uri"],
+                                                                                               adapter]
+    assert len([f for f in shown["files"] if f["path"].startswith("model-")]) >= 2  # 2.3 MB in 1 MB shards
+    again = json.loads(tunery(cli_env, "--json", "merge", model["id"], adapter, "--max-shard-size", "1MB").stdout)
+    assert again["state"] == "JOB_STATE_SUCCEEDED" and again["outputs"][-1]["uri"] == uri  # the same bytes again
+    bad = tunery(cli_env, "merge", model["id"], adapter, "--max-shard-size", "lots", check=False)
+    assert bad.returncode == 2 and "--max-shard-size 'lots'" in bad.stderr

@@ -1,7 +1,9 @@
-"""Checks that a directory is a usable Hugging Face causal LM, without torch.
+"""What a Hugging Face model directory is, without torch: checks that it is a usable causal LM, and the metadata a
+model artifact carries.
 
-`quick_check` is what the service runs before queueing (cheap, precise status codes); `inspect_model` is what
-the import job runs: safetensors headers, tokenizer, chat template, architecture, parameter count, dtype, MoE.
+`quick_check` is what the registry runs before queueing (cheap, precise status codes); `inspect_model` is what a
+job that writes a model artifact runs on the directory (the import job, the merge job): safetensors headers,
+tokenizer, chat template, architecture, parameter count, dtype, MoE.
 """
 
 from __future__ import annotations
@@ -10,18 +12,14 @@ import hashlib
 import json
 import math
 import re
-import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from services.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.core.weights import read_file_header
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "F4": 0.5,
-               "F6_E2M3": 0.75, "F6_E3M2": 0.75}
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
-MAX_HEADER = 100 * 1024 * 1024
 GENERATION_TAG = re.compile(r"\{%-?\s*(?:end)?generation\s*-?%\}")
 SAMPLE_CHAT = [
     {"role": "system", "content": "You are helpful."},
@@ -66,29 +64,9 @@ def quick_check(source: str, allow_trust_remote_code: bool) -> dict[str, Any]:
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise InvalidArgument.field("spec.source", f"{path.name} is truncated (no safetensors header)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > MAX_HEADER or n + 8 > size:
-            raise InvalidArgument.field("spec.source", f"{path.name}: header length {n} does not fit the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InvalidArgument.field("spec.source", f"{path.name}: safetensors header is not valid JSON: {e}") from None
-    body = size - 8 - n
-    for name, t in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = t["data_offsets"]
-        want = math.prod(t["shape"]) * DTYPE_BYTES.get(t["dtype"], 0)
-        if end > body or begin > end or (want and end - begin != int(want)):
-            raise InvalidArgument.field(
-                "spec.source", f"{path.name}: tensor {name} ({t['dtype']} {t['shape']}) has offsets {begin}..{end} "
-                f"that do not match its size or the file (body {body} bytes); the file is corrupt or truncated")
-    return header
+    """The header as safetensors writes it ({name: {dtype, shape, data_offsets}}), checked (core.weights)."""
+    return {t.name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.begin, t.end]}
+            for t in read_file_header(path).values()}
 
 
 def weight_files(path: Path) -> list[Path]:
@@ -200,4 +178,7 @@ def inspect_model(path: Path, allow_trust_remote_code: bool) -> dict[str, Any]:
         "weight_files": [f.name for f in files],
         "linear_modules": sorted(linear),
         "trust_remote_code": bool(config.get("auto_map")),
+        # a checkpoint whose config says how it was quantized (GPTQ, AWQ, compressed-tensors, bitsandbytes, ...)
+        "quantization": str((config.get("quantization_config") or {}).get("quant_method", "")),
+        "form": "quantized" if config.get("quantization_config") else "base",
     }

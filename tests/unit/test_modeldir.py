@@ -2,7 +2,7 @@
 import pytest
 
 from services.core.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.registry.modelcheck import inspect_model, quick_check
+from services.core.modeldir import inspect_model, quick_check
 from tests.modeldirs import make_model, make_sharded_model
 
 
