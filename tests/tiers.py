@@ -22,11 +22,22 @@ def _strict() -> bool:
     return os.environ.get("TUNERY_STRICT_SKIPS") == "1"
 
 
+def tier_of(item) -> str:
+    path = Path(str(item.fspath)).resolve()
+    if path.is_relative_to(TESTS) and path.relative_to(TESTS).parts[0] in TIERS:
+        return path.relative_to(TESTS).parts[0]
+    return ""
+
+
 def pytest_collection_modifyitems(config, items):
+    """Mark each test with its tier, and run the tiers in order: unit, integration, e2e (pytest's own order is
+    alphabetical, e2e first). `make test` runs the train and serve venvs' tests beside the control run's start;
+    the e2e tier's heaviest test (the demo on the real model) then runs after them, not against them."""
     for item in items:
-        path = Path(str(item.fspath)).resolve()
-        if path.is_relative_to(TESTS) and path.relative_to(TESTS).parts[0] in TIERS:
-            item.add_marker(getattr(pytest.mark, path.relative_to(TESTS).parts[0]))
+        if tier := tier_of(item):
+            item.add_marker(getattr(pytest.mark, tier))
+    order = {t: i for i, t in enumerate(TIERS)}
+    items.sort(key=lambda item: order.get(tier_of(item), len(TIERS)))  # stable: within a tier, as collected
 
 
 def pytest_runtest_logreport(report):

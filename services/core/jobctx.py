@@ -159,10 +159,27 @@ class JobContext:
         return manifest
 
 
+CPU_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def use_cpu_threads(cpus: float, env: dict[str, str] | None = None) -> int:
+    """Ray starts a job's entrypoint with OMP_NUM_THREADS=1 whatever CPUs it reserved for it, so torch would train
+    and merge on one core of two. Give the CPU thread pools the job's reserved CPUs (at least 1); set before torch
+    is imported (the handlers import it lazily)."""
+    env = os.environ if env is None else env
+    n = max(1, int(cpus or 0))
+    for k in CPU_THREAD_VARS:
+        env[k] = str(n)
+    return n
+
+
 def run_job(service: str, handlers: dict[str, tuple[Callable[[JobContext, Any], None], type[BaseModel]]]) -> None:
     """A service's job entrypoint (`python -m services.<service>.job <spec-uri>`): the envelope's kind picks the
-    handler, which gets the context and its typed spec."""
+    handler, which gets the context and its typed spec. Train-role jobs (torch in-process) get as many CPU threads
+    as they reserved CPUs; serve-role jobs leave threads to their engine (services.core.vllm)."""
     with JobContext.from_argv() as ctx:
+        if ctx.envelope.role == "train":
+            use_cpu_threads(ctx.envelope.resources.cpus)
         entry = handlers.get(ctx.envelope.kind)
         if entry is None:
             ctx.fail(f"the {service} job does not know kind {ctx.envelope.kind!r}")

@@ -92,11 +92,14 @@ def check(base_dir: Path, adapter_dir: Path, merged_dir: Path, conversations: li
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.merging.merge import DTYPES
     from services.merging.spec import TOLERANCES
 
     tol = TOLERANCES[dtype]
-    torch_dtype = getattr(torch, DTYPES[dtype])
+    # Both sides compute in float32 on the weights as stored: the reference is the base's stored weights plus the
+    # adapter, the candidate the merged file's. The difference is then what the merge changed (rounding W + s·BA
+    # to the output dtype), not the arithmetic noise of running a 16-bit forward pass twice: on SmolLM2-135M in
+    # bf16, that noise alone reaches 1.4 logits, more than the merge's own 0.4.
+    torch_dtype = torch.float32
     tok = AutoTokenizer.from_pretrained(str(merged_dir))
     batches, prompts = [], []
     for conv in conversations:

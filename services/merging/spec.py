@@ -29,9 +29,15 @@ class Tolerance(BaseModel):
     mean_kl: float
 
 
+# Per output dtype, for logits computed in float32 on both sides (services.merging.equivalence): the merged
+# weights differ from base + adapter only by their rounding to the output dtype. bf16 keeps 8 bits of mantissa
+# (relative error up to 2^-9 per weight), fp16 11. Measured on SmolLM2-135M (30 layers) with rank-16 LoRAs in
+# bf16: a trained adapter (the demo's) 0.43 / KL 3.5e-4; a 6-step one (the smoke demo's) 0.87 / KL 1.8e-3, more,
+# because most of its changes are below half a bf16 step and round away coherently. A wrong merge (a missed
+# scale, a dropped module) moves logits by whole units and the KL by 1e-1 and more: the bounds sit between.
 TOLERANCES = {"fp32": Tolerance(max_abs_logit=1e-3, mean_kl=1e-6),
-              "bf16": Tolerance(max_abs_logit=0.5, mean_kl=2e-3),
-              "fp16": Tolerance(max_abs_logit=0.1, mean_kl=2e-4)}
+              "bf16": Tolerance(max_abs_logit=2.0, mean_kl=1e-2),
+              "fp16": Tolerance(max_abs_logit=0.25, mean_kl=1.5e-3)}
 
 
 class MergeSpec(BaseModel):

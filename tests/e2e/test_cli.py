@@ -29,38 +29,57 @@ def only(env, kind: str, name: str) -> dict:
 
 
 def test_demo_is_the_main_job(tmp_path):
-    """base -> data -> prompting-baseline eval -> train -> eval (base and adapter on one engine) -> compare, on the
-    foundation fixture, from a stack the demo starts itself (as `make demo` on a fresh machine)."""
-    from tests.session import require_loopback
+    """`tunery demo --smoke`: the main job's whole arc on a slice, on the real-model fixture (SmolLM2-135M-Instruct),
+    from a stack the demo starts itself (as `make demo` on a fresh machine): import -> prepare -> prompting-baseline
+    eval -> 6 training steps -> base and adapter on one engine -> paired comparison -> merge."""
+    from services.merging.spec import TOLERANCES
+    from tests.session import fixture_model, require_loopback
 
     require_loopback("the demo")
+    fixture_model("smollm2-135m-instruct")
     env = home_env(tmp_path / "home")
     try:
-        out = tunery(env, "demo", "--model", str(REPO / "fixtures" / "foundation"), timeout=1800)
+        out = tunery(env, "demo", "--smoke", timeout=1800)
     finally:
         tunery(env, "down", check=False)
     result = json.loads(out.stdout)
     reasons = result["reasons"]
-    # the demo's gates (target ≥ 80%, general drop ≤ 2 points) on its data: the style is learned on held-out
-    # questions, and the general block, scored by exact match, drops (a style answer "20, my friend." fails the
-    # probe "20"), so the verdict is FAIL on the general gate alone
-    assert result["verdict"] == "FAIL", reasons
-    assert result["block_deltas"]["target"] >= 0.5 and result["flips_fail_to_pass"] >= 10
-    assert any(r.startswith("target pass rate") and "≥ gate 80.0%" in r for r in reasons), reasons
-    general = next(r for r in reasons if r.startswith("general drop"))
-    assert "> gate 2" in general and -result["block_deltas"]["general"] * 100 > 2, general
-    assert result["flips_pass_to_fail"] > 0  # the general drop is made of probes that flipped pass -> fail
-    html = Path(result["comparison_html"]).read_text()
-    assert html.count("side by side") == 1 and "prompting baseline output" in html
-    [lm] = result["lm_eval_deltas"]  # forgetting measured by lm-eval too (plain sentences, log-likelihood)
-    assert lm["task"] == "fact_sentences" and lm["ci"][0] <= lm["delta"] <= lm["ci"][1]
-    # the prompting baseline ran before training on the same engine build, precision and sampling (controlled),
-    # and its verdict is part of the comparison
-    assert result["prompting_report"] and any("vs prompting baseline" in r for r in reasons)
+    assert result["smoke"] and result["verdict"] in ("PASS", "FAIL") and "verdict:" in out.stderr
+    # the demo's gates, stated, with the default target rule (a gain beyond the noise) for what it did not give
+    assert reasons[0] == ("gates: target ≥ 80%, target gain beyond the noise, general forgetting ≤ 2 points, "
+                          "tool-calling forgetting ≤ 2 points"), reasons
+    # paired on the same tests: 6 held-out tickets and 6 fact probes (+ lm-eval documents) on both sides
+    paired = {p["block"]: p for p in result["paired"]}
+    assert set(paired) == {"target", "general"}  # SmolLM2's template has no tools: no tool block
+    assert paired["target"]["pairs"] == 6
+    for p in paired.values():
+        assert p["difference"] == pytest.approx((p["gained"] - p["lost"]) / p["pairs"])
+        assert p["ci"][0] <= p["difference"] <= p["ci"][1] and 0 < p["mcnemar_p"] <= 1
+        assert p["forgetting_points"] == pytest.approx(100 * p["lost"] / p["pairs"])
+        assert len(p["lost_tests"]) == p["lost"]
+    forgetting = next(r for r in reasons if r.startswith("general forgetting"))
+    assert f"({paired['general']['lost']} of {paired['general']['pairs']} lost" in forgetting
+    # the fact probes are facts the base states: by knowledge it knows them; exact match (a sentence is not the
+    # bare answer) is the stricter second figure
+    base_general = result["blocks"]["baseline"]["general"]
+    assert base_general["exact_total"] == 6 and base_general["exact_passed"] < 6
+    # prompting ran first, on the same engine build, precision and sampling (controlled), paired on the same tickets
+    assert result["prompting_report"] and any(r.startswith("vs prompting baseline") and "paired, McNemar" in r
+                                              for r in reasons), reasons
     assert not any("UNCONTROLLED" in r for r in reasons), reasons
-    assert set(result["eval_seconds"]) == {"prompted", "baseline", "candidate"}
+    [lm] = result["lm_eval_deltas"]  # forgetting by lm-eval too (plain sentences, log-likelihood)
+    assert lm["task"] == "fact_sentences" and lm["ci"][0] <= lm["delta"] <= lm["ci"][1]
+    html = Path(result["comparison_html"]).read_text()
+    assert "prompting baseline output" in html and "Paired comparison" in html
+    # the merge, on a real Llama: equal to base + adapter within bf16's tolerance, and every greedy continuation
+    # identical or apart only at a near-tie of the reference (a 6-step adapter's small changes are partly below
+    # bf16's half-ulp: measured 0.87 / KL 1.8e-3 here, against 0.43 / 3.5e-4 for the full demo's adapter)
+    merge, tol = result["merge"], TOLERANCES["bf16"]
+    assert result["merged_model"] and merge["probe_prompts"] >= 1
+    assert merge["max_abs_logit_diff"] <= tol.max_abs_logit and merge["mean_kl"] <= tol.mean_kl, merge
+    assert merge["greedy_identical"] + merge["greedy_ties"] >= merge["probe_prompts"], merge
+    assert set(result["step_seconds"]) == {"import", "prepare", "eval_prompted", "train", "eval_adapter", "merge"}
     assert all(t["server_start_s"] > 0 and t["tests_s"] > 0 for t in result["eval_seconds"].values())
-    assert "verdict:" in out.stderr
     assert not (tmp_path / "home" / "stack.json").exists()  # the demo stopped what it started
 
 

@@ -67,7 +67,7 @@ def test_the_seeded_adapter_merges_and_answers_like_base_plus_adapter(seed, tmp_
           f"check {m['check_s']:.1f}s; peak RSS merge {m['merge_peak_rss_bytes'] / 2**20:.0f} MiB, check "
           f"{m['check_peak_rss_bytes'] / 2**20:.0f} MiB")
     assert m["greedy_identical"] == m["probe_prompts"] == 8  # the adapter's held-out split gave 8 prompts
-    assert m["max_abs_logit_diff"] <= 0.5 and m["mean_kl"] <= 2e-3  # bf16's tolerance
+    assert m["max_abs_logit_diff"] <= 2.0 and m["mean_kl"] <= 1e-2  # bf16's tolerance (merging.spec.TOLERANCES)
     texts = [e.text for e in events(client, job.id)]
     assert any("writing shard 1 of 1" in t for t in texts) and any(t.startswith("equivalence on 8") for t in texts)
     card = client.download(merged.id, "README.md", tmp_path / "README.md").read_text()

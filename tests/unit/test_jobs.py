@@ -156,3 +156,12 @@ def test_resources_a_job_may_ask_for(resources, field, words):
 
 def test_reasonable_resources_pass():
     check_resources(Resources(cpus=0.5, gpus=8, memory_bytes=64 << 30, custom={"tunery_train": 1.0}))
+
+
+def test_a_train_job_gets_the_cpu_threads_it_reserved():
+    from services.core.jobctx import CPU_THREAD_VARS, use_cpu_threads
+
+    env = {"OMP_NUM_THREADS": "1"}  # what Ray hands a job's entrypoint
+    assert use_cpu_threads(2.0, env) == 2 and all(env[k] == "2" for k in CPU_THREAD_VARS)
+    assert use_cpu_threads(0.5, env) == 1 and env["OMP_NUM_THREADS"] == "1"
+    assert use_cpu_threads(0, env) == 1
