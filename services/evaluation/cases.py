@@ -2,7 +2,8 @@
 
 - target: the held-out split of a prepared dataset (the prompt is the conversation up to the last assistant
   turn, the expected answer that turn, checked by the spec's assertion type), plus the user's own promptfoo suite;
-- general: fact probes (question -> short answer, exact match after normalising case and end punctuation);
+- general: fact probes (question -> short answer), scored by knowledge: the answer (or an alias) appears as a
+  whole word or phrase after normalising case, punctuation and whitespace; exact match is kept as a second figure;
 - tool_calling: the built-in suite (services/evaluation/suites/tool_calling.yaml).
 
 The prompting baseline wraps every case's messages with the system prompt and k few-shot examples from a
@@ -47,6 +48,33 @@ class Case:
 # Exact match after trimming, lower-casing and dropping end punctuation: the foundation fixture's accuracy rule.
 NORMALISED_EQUALS = ("const norm = s => String(s).trim().toLowerCase().replace(/[.!?]+$/, '').trim();\n"
                      "return norm(output) === norm({expected});")
+# Knowledge: one of the answers appears in the output as a whole word or phrase, after lower-casing, turning every
+# run of punctuation and whitespace into one space (Unicode-aware, as `words` below). "20, my friend." knows "20";
+# "200" does not; "Februart" does not know "February".
+KNOWS = ("const norm = s => ' ' + String(s).toLowerCase().normalize('NFKC').replace(/[^\\p{{L}}\\p{{N}}]+/gu, ' ')"
+         ".trim() + ' ';\nconst out = norm(output);\nconst answers = {answers};\n"
+         "return answers.some(a => norm(a).trim() !== '' && out.includes(norm(a)));")
+
+
+def words(text: str) -> str:
+    """KNOWS' normal form in Python: lower-cased, NFKC, every run of non-letters/digits one space, padded."""
+    import unicodedata
+
+    t = unicodedata.normalize("NFKC", str(text).lower())
+    return " " + " ".join("".join(ch if ch.isalnum() else " " for ch in t).split()) + " "
+
+
+def knows(output: str, answers: list[str]) -> bool:
+    """Python twin of KNOWS (the tests hold the two to the same answers)."""
+    out = words(output)
+    return any(words(a).strip() and words(a) in out for a in answers)
+
+
+def exact_match(output: str, expected: str) -> bool:
+    """Python twin of NORMALISED_EQUALS: the second, stricter figure of fact probes."""
+    def norm(s: str) -> str:
+        return re.sub(r"[.!?]+$", "", str(s).strip().lower()).strip()
+    return norm(output) == norm(expected)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -74,6 +102,16 @@ def expectation(kind: str, expected: str) -> list[dict[str, Any]]:
         if isinstance(parsed, dict):
             return [{"type": "is-json", "value": {"type": "object", "required": sorted(parsed)}}]
         return [{"type": "is-json"}]
+    if kind == "json_fields":
+        # the reply is JSON and every field of the reference object has its value (ajv: const per property)
+        try:
+            parsed = json.loads(expected)
+        except json.JSONDecodeError:
+            raise ValueError(f"json_fields needs reference answers that are JSON objects; got {expected[:60]!r}")
+        if not isinstance(parsed, dict):
+            return [{"type": "is-json", "value": {"const": parsed}}]
+        return [{"type": "is-json", "value": {"type": "object", "required": sorted(parsed),
+                                              "properties": {k: {"const": v} for k, v in parsed.items()}}}]
     if kind == "similarity":  # offline: no embeddings model, so ROUGE-N overlap stands in for similarity
         return [{"type": "rouge-n", "value": expected, "threshold": 0.5}]
     if kind == "rubric":
@@ -102,11 +140,13 @@ def heldout_cases(holdout: Path, assertion: str, limit: int = 0) -> list[Case]:
 def fact_cases(facts: Path, limit: int = 0) -> list[Case]:
     cases = []
     for row in read_jsonl(facts):
+        answers = [str(row["answer"]), *[str(a) for a in row.get("aliases") or []]]
         cases.append(Case(id=f"general-{row['id']}", block="general",
                           messages=[{"role": "user", "content": row["question"]}],
                           assertions=[{"type": "javascript",
-                                       "value": NORMALISED_EQUALS.format(expected=json.dumps(row["answer"]))}],
-                          metadata={"expected": row["answer"], "category": row.get("category", "")}))
+                                       "value": KNOWS.format(answers=json.dumps(answers, ensure_ascii=False))}],
+                          metadata={"expected": row["answer"], "category": row.get("category", ""),
+                                    "exact_check": True}))
         if limit and len(cases) >= limit:
             break
     return cases

@@ -3,6 +3,7 @@ The JSON twin of each page is saved next to it (report.json, comparison.json).""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from jinja2 import Environment
@@ -58,6 +59,14 @@ REPORT = _env.from_string("""<!doctype html><html><head><meta charset="utf-8"><t
 <p>target <b>{{ r.target.kind }}</b> {{ r.target_label }}; answered by <code>{{ r.answering_model }}</code>
 ({{ 'checked' if r.answering_checked else 'NOT the target' }}).</p>
 <h2>Pass rate per block (95% Wilson interval)</h2>{{ bars|safe }}
+<table><tr><th>block</th><th>passed / measured</th><th>95% CI</th><th>not measured (errored)</th>
+<th>exact match</th></tr>{% for name, b in r.blocks.items() %}<tr><td>{{ name }}</td>
+<td>{{ b.passed }}/{{ b.total }} ({{ '%.1f'|format(100 * b.pass_rate) }}%)</td>
+<td>{{ '%.1f'|format(100 * b.ci_low) }} .. {{ '%.1f'|format(100 * b.ci_high) }}%</td>
+<td>{{ b.errored_reason or 'none' }}</td><td>{% if b.exact_total %}{{ b.exact_passed }}/{{ b.exact_total }}{% else %}–
+{% endif %}</td></tr>{% endfor %}</table>
+<p class="small">fact probes pass when the answer appears as a whole word or phrase (knowledge); exact match is the
+stricter figure beside it. Errored tests (the request failed) are not failures: they are left out of the rate.</p>
 <h2>Controls</h2><table>{% for k, v in r.controls.items() %}<tr><th>{{ k }}</th><td class="mono">{{ v }}</td></tr>
 {% endfor %}</table>
 {% if r.lm_eval %}<h2>lm-eval {{ r.lm_eval.version }} tasks</h2><table><tr><th>task</th><th>source</th><th>type</th>
@@ -71,9 +80,11 @@ lm-eval's own results and samples files are in lm-eval/</p>{% endif %}
 <p class="small">server start {{ '%.1f'|format(r.timing.server_start_s) }} s, tests
 {{ '%.1f'|format(r.timing.tests_s) }} s; raw promptfoo results: out.json (<code>promptfoo view</code>)</p>
 <h2>Tests</h2><table><tr><th>block</th><th>id</th><th>prompt</th><th>output</th><th>result</th><th>ms</th></tr>
-{% for t in r.tests %}<tr><td>{{ t.block }}</td><td class="mono">{{ t.id }}</td><td class="mono">{{ t.prompt }}</td>
-<td class="mono">{{ t.output }}</td><td class="{{ 'pass' if t.passed else 'fail' }}">{{ 'pass' if t.passed else 'fail' }}
-{% if not t.passed %}<div class="small">{{ t.reason }}</div>{% endif %}</td><td>{{ '%.0f'|format(t.latency_ms) }}</td>
+{% for t in r.tests %}<tr><td>{{ t.block }}</td><td class="mono">{{ t.id }}</td>
+<td class="mono">{{ conversation(t.prompt) }}</td><td class="mono">{{ t.output }}</td>
+{% if t.errored %}<td class="warn">errored<div class="small">{{ t.reason }}</div></td>{% else %}
+<td class="{{ 'pass' if t.passed else 'fail' }}">{{ 'pass' if t.passed else 'fail' }}
+{% if not t.passed %}<div class="small">{{ t.reason }}</div>{% endif %}</td>{% endif %}<td>{{ '%.0f'|format(t.latency_ms) }}</td>
 </tr>{% endfor %}</table></body></html>""")
 
 COMPARISON = _env.from_string("""<!doctype html><html><head><meta charset="utf-8"><title>comparison</title>
@@ -90,13 +101,24 @@ COMPARISON = _env.from_string("""<!doctype html><html><head><meta charset="utf-8
 {% for d in c.lm_eval_deltas %}<tr><td class="mono">{{ d.task }}</td><td>{{ d.metric }}</td><td>{{ fmt(d.baseline) }}</td>
 <td>{{ fmt(d.candidate) }}</td><td class="{{ 'fail' if d.worse else '' }}">{{ '%+.3f'|format(d.delta) }}</td>
 <td>{{ '%+.3f'|format(d.ci_low) }} .. {{ '%+.3f'|format(d.ci_high) }}</td></tr>{% endfor %}</table>{% endif %}
-<h2>Flips ({{ c.flips|length }})</h2><table><tr><th>test</th><th>block</th><th>change</th></tr>
-{% for f in c.flips %}<tr><td class="mono">{{ f.test_id }}</td><td>{{ f.block }}</td>
-<td class="{{ 'pass' if f.now_passes else 'fail' }}">{{ 'fail → pass' if f.now_passes else 'pass → fail' }}</td></tr>
+{% if c.paired %}<h2>Paired comparison (the same tests on both sides)</h2><table><tr><th>block</th><th>pairs</th>
+<th>gained</th><th>lost</th><th>difference</th><th>95% CI</th><th>McNemar exact p</th><th>forgetting</th></tr>
+{% for p in c.paired %}<tr><td>{{ p.block }}</td><td>{{ p.pairs }}</td><td class="pass">{{ p.gained }}</td>
+<td class="fail">{{ p.lost }}</td><td>{{ '%+.1f'|format(100 * p.difference) }} pts</td>
+<td>{{ '%+.1f'|format(100 * p.ci_low) }} .. {{ '%+.1f'|format(100 * p.ci_high) }}</td>
+<td>{{ '%.2g'|format(p.mcnemar_p) }}</td><td>{{ '%.1f'|format(p.forgetting_points) }} pts</td></tr>{% endfor %}
+</table><p class="small">forgetting counts only the tests lost (pass → fail): gains elsewhere do not buy them back.
+Errored tests are left out of both sides.</p>{% endif %}
+<h2>Flips ({{ c.flips|length }})</h2><table><tr><th>block</th><th>change</th><th>prompt</th><th>baseline output</th>
+<th>candidate output</th></tr>
+{% for f in c.flips %}<tr><td>{{ f.block }}</td>
+<td class="{{ 'pass' if f.now_passes else 'fail' }}">{{ 'fail → pass' if f.now_passes else 'pass → fail' }}</td>
+<td class="mono">{{ conversation(f.prompt) }}</td><td class="mono">{{ f.baseline_output }}</td>
+<td class="mono">{{ f.candidate_output }}</td></tr>
 {% endfor %}</table>
 <h2>Every test, side by side</h2><table><tr><th>block</th><th>prompt</th><th>baseline output</th><th>candidate output</th>
 {% if p %}<th>prompting baseline output</th>{% endif %}</tr>
-{% for row in rows %}<tr><td>{{ row.block }}</td><td class="mono">{{ row.prompt }}</td>
+{% for row in rows %}<tr><td>{{ row.block }}</td><td class="mono">{{ conversation(row.prompt) }}</td>
 <td class="mono"><span class="{{ 'pass' if row.b_pass else 'fail' }}">{{ '✔' if row.b_pass else '✘' }}</span> {{ row.b_out }}</td>
 <td class="mono"><span class="{{ 'pass' if row.c_pass else 'fail' }}">{{ '✔' if row.c_pass else '✘' }}</span> {{ row.c_out }}</td>
 {% if p %}<td class="mono">{% if row.p_seen %}<span class="{{ 'pass' if row.p_pass else 'fail' }}">
@@ -104,12 +126,34 @@ COMPARISON = _env.from_string("""<!doctype html><html><head><meta charset="utf-8
 </body></html>""")
 
 
+def conversation(prompt: Any) -> str:
+    """A chat prompt (the messages as JSON) as a person reads it: one "role: content" paragraph per message."""
+    try:
+        msgs = json.loads(prompt) if isinstance(prompt, str) else prompt
+    except ValueError:
+        return str(prompt)
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
+        return str(prompt)
+    out = []
+    for m in msgs:
+        content = m.get("content")
+        if isinstance(content, list):  # content parts
+            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        calls = m.get("tool_calls") or []
+        text = str(content or "") + "".join(
+            f" [calls {c.get('function', {}).get('name')}({c.get('function', {}).get('arguments', '')})]"
+            for c in calls if isinstance(c, dict))
+        out.append(f"{m['role']}: {text.strip()}")
+    return "\n\n".join(out)
+
+
 def fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) else "–"
 
 
 def report_html(report: dict[str, Any]) -> str:
-    return REPORT.render(r=report, style=STYLE, bars=bars_svg({"run": report["blocks"]}), fmt=fmt)
+    return REPORT.render(r=report, style=STYLE, bars=bars_svg({"run": report["blocks"]}), fmt=fmt,
+                         conversation=conversation)
 
 
 def comparison_html(body: dict[str, Any], baseline: dict[str, Any], candidate: dict[str, Any],
@@ -126,4 +170,5 @@ def comparison_html(body: dict[str, Any], baseline: dict[str, Any], candidate: d
         rows.append({"block": t["block"], "prompt": t.get("prompt", ""), "c_out": t.get("output", ""),
                      "c_pass": t["passed"], "b_out": b.get("output", "(not run)"), "b_pass": b.get("passed", False),
                      "p_seen": p is not None, "p_out": (p or {}).get("output", ""), "p_pass": (p or {}).get("passed")})
-    return COMPARISON.render(c=body, rows=rows, p=prompting, style=STYLE, bars=bars_svg(series), fmt=fmt)
+    return COMPARISON.render(c=body, rows=rows, p=prompting, style=STYLE, bars=bars_svg(series), fmt=fmt,
+                             conversation=conversation)

@@ -122,10 +122,13 @@ def run_suite(label: str, served: str, base_url: str, cases: list, user: dict | 
         result = run(config, work / f"{label}-{part}", timeout_s=timeout_s)
         raw += [result.out_json, result.config_path]
         for r in result.results:
-            tests.append({"id": r.case_id + (f"@{r.prompt_label}" if part == "user" and r.prompt_label else ""),
-                          "block": r.block, "prompt": r.prompt, "output": r.output_text, "passed": bool(r.passed),
-                          "reason": r.reason or (r.error or ""), "latency_ms": float(r.latency_ms or 0),
-                          "expected": str(r.metadata.get("expected", ""))})
+            t = {"id": r.case_id + (f"@{r.prompt_label}" if part == "user" and r.prompt_label else ""),
+                 "block": r.block, "prompt": r.prompt, "output": r.output_text, "passed": bool(r.passed),
+                 "errored": r.error is not None, "reason": r.reason or (r.error or ""),
+                 "latency_ms": float(r.latency_ms or 0), "expected": str(r.metadata.get("expected", ""))}
+            if r.metadata.get("exact_check") and r.error is None:  # fact probes: exact match beside knowledge
+                t["exact"] = C.exact_match(r.output_text, t["expected"])
+            tests.append(t)
     return tests, raw
 
 

@@ -8,6 +8,8 @@ the prompt) as the only difference.
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,17 +47,77 @@ def newcombe_difference(p1: int, n1: int, p2: int, n2: int, z: float = 1.96) -> 
     return d, low, high
 
 
-def summarize(tests: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per-block passed/total/pass_rate/ci_low/ci_high."""
-    out: dict[str, dict[str, float]] = {}
+def paired_difference(gained: int, lost: int, pairs: int, z: float = 1.96) -> tuple[float, float, float, float]:
+    """The same tests on both sides: (difference, low, high, McNemar p). The difference is (gained - lost) / pairs;
+    McNemar's exact test is scipy's binomial test of the discordant pairs against 1/2; the 95% interval is the
+    conditional one: scipy's Wilson interval of gained / (gained + lost), mapped onto the difference. With no
+    discordant pairs the difference is 0, and its interval spans the discordance rate that could have gone unseen
+    (the upper Wilson bound of 0 in `pairs`): no change seen is not proof of none."""
+    from scipy.stats import binomtest
+
+    if pairs <= 0:
+        return 0.0, 0.0, 0.0, 1.0
+    if gained < 0 or lost < 0 or gained + lost > pairs:
+        raise ValueError(f"paired_difference: need gained + lost <= pairs, got {gained} + {lost} > {pairs}")
+    m = gained + lost
+    if m == 0:
+        hi = wilson(0, pairs, z)[1]
+        return 0.0, -hi, hi, 1.0
+    test = binomtest(gained, m, 0.5)
+    ci = test.proportion_ci(confidence_level=0.95, method="wilson")
+    scale = m / pairs
+    low, high = float((2 * ci.low - 1) * scale), float((2 * ci.high - 1) * scale)
+    return (gained - lost) / pairs, low, high, float(test.pvalue)
+
+
+# What an errored test's message means, for the block's "not measurable" line.
+_ERROR_KINDS = (
+    (re.compile(r"maximum context length|context length|too many tokens|prompt is too long", re.I),
+     "the prompt exceeds the model's context"),
+    (re.compile(r"timed? ?out|timeout", re.I), "the request timed out"),
+    (re.compile(r"ECONNREFUSED|ECONNRESET|fetch failed|socket hang up|connection", re.I),
+     "the server could not be reached"),
+    (re.compile(r"\b5\d\d\b|internal server error", re.I), "the server answered with an error"),
+)
+
+
+def error_kind(message: str) -> str:
+    for pattern, kind in _ERROR_KINDS:
+        if pattern.search(message or ""):
+            return kind
+    first = (message or "unknown error").strip().splitlines()[0]
+    return first if len(first) <= 100 else first[:99] + "…"
+
+
+def errored_reason(rows: list[dict[str, Any]]) -> str:
+    """ "8 of 10 not measurable: the prompt exceeds the model's context" (the commonest kind first)."""
+    bad = [t for t in rows if t.get("errored")]
+    if not bad:
+        return ""
+    kinds = Counter(error_kind(str(t.get("reason", ""))) for t in bad).most_common()
+    return f"{len(bad)} of {len(rows)} not measurable: " + "; ".join(
+        k if n == len(bad) else f"{k} ({n})" for k, n in kinds)
+
+
+def summarize(tests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per block: passed/total/pass_rate/ci_low/ci_high over the tests that were measured; `errored` (requests or
+    gradings that failed: not counted as failures) with its reason; and, where tests carry an exact-match figure
+    beside their score (fact probes), exact_passed/exact_total."""
+    out: dict[str, dict[str, Any]] = {}
     for block in BLOCKS:
         rows = [t for t in tests if t["block"] == block]
         if not rows:
             continue
-        passed = sum(1 for t in rows if t["passed"])
-        low, high = wilson(passed, len(rows))
-        out[block] = {"passed": passed, "total": len(rows), "pass_rate": passed / len(rows), "ci_low": low,
-                      "ci_high": high}
+        measured = [t for t in rows if not t.get("errored")]
+        passed = sum(1 for t in measured if t["passed"])
+        low, high = wilson(passed, len(measured))
+        b: dict[str, Any] = {"passed": passed, "total": len(measured),
+                             "pass_rate": passed / len(measured) if measured else 0.0, "ci_low": low, "ci_high": high,
+                             "errored": len(rows) - len(measured), "errored_reason": errored_reason(rows)}
+        exact = [t for t in measured if t.get("exact") is not None]
+        if exact:
+            b["exact_passed"], b["exact_total"] = sum(1 for t in exact if t["exact"]), len(exact)
+        out[block] = b
     return out
 
 
@@ -74,9 +136,31 @@ def control_mismatches(a: dict[str, Any], b: dict[str, Any], keys: tuple[str, ..
 
 @dataclass
 class Gates:
+    """What a candidate must do to PASS. The defaults are what a comparison with no gates uses: the target gains
+    beyond the noise (the paired 95% interval of the gain above 0) and at most 2 points of forgetting (the share of
+    general or tool-calling tests lost; gains elsewhere do not buy losses back)."""
+
     min_target_pass_rate: float = 0.0
-    max_general_drop_points: float = 100.0
-    max_tool_calling_drop_points: float = 100.0
+    max_general_drop_points: float = 2.0
+    max_tool_calling_drop_points: float = 2.0
+    require_target_gain: bool = True
+
+    def check(self) -> None:
+        """ValueError naming the field that is out of range (NaN included)."""
+        if not 0.0 <= self.min_target_pass_rate <= 1.0:
+            raise ValueError(f"gates.min_target_pass_rate must be a rate in [0, 1], got {self.min_target_pass_rate}")
+        for name in ("max_general_drop_points", "max_tool_calling_drop_points"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 100.0:
+                raise ValueError(f"gates.{name} must be points in [0, 100], got {v}")
+
+    def describe(self) -> str:
+        parts = [f"target ≥ {self.min_target_pass_rate:.0%}"] if self.min_target_pass_rate else []
+        if self.require_target_gain:
+            parts.append("target gain beyond the noise")
+        parts += [f"general forgetting ≤ {self.max_general_drop_points:g} points",
+                  f"tool-calling forgetting ≤ {self.max_tool_calling_drop_points:g} points"]
+        return ", ".join(parts)
 
 
 @dataclass
@@ -93,22 +177,80 @@ class Comparison:
     identical_outputs: int = 0
     common_tests: int = 0
     lm_eval_deltas: list[dict[str, Any]] = field(default_factory=list)
+    paired: list[dict[str, Any]] = field(default_factory=list)
+    default_gates: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def _task_counts(report: dict[str, Any], task: str) -> tuple[int, int]:
-    rows = [t for t in report.get("tests") or [] if t["id"].startswith(f"lm-eval/{task}/")]
-    return sum(1 for t in rows if t["passed"]), len(rows)
+def _measured(t: dict[str, Any] | None) -> bool:
+    return t is not None and not t.get("errored")
+
+
+def paired_blocks(baseline: dict[str, Any], candidate: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per block, the tests both reports ran and measured (neither side errored): gained, lost, the paired
+    difference with its interval and McNemar's p, and forgetting (lost / pairs, in points)."""
+    base = {t["id"]: t for t in baseline["tests"]}
+    out = []
+    for block in BLOCKS:
+        pairs = [(base[t["id"]], t) for t in candidate["tests"]
+                 if t["block"] == block and _measured(t) and _measured(base.get(t["id"]))]
+        if not pairs:
+            continue
+        gained = [c["id"] for b, c in pairs if c["passed"] and not b["passed"]]
+        lost = [c for b, c in pairs if b["passed"] and not c["passed"]]
+        d, low, high, p = paired_difference(len(gained), len(lost), len(pairs))
+        out.append({"block": block, "pairs": len(pairs), "gained": len(gained), "lost": len(lost),
+                    "difference": d, "ci_low": low, "ci_high": high, "mcnemar_p": p,
+                    "forgetting_points": 100.0 * len(lost) / len(pairs), "lost_tests": [c["id"] for c in lost],
+                    "lost_examples": [_example(base[c["id"]], c) for c in lost[:3]]})
+    return out
+
+
+def _short(text: Any, n: int = 40) -> str:
+    s = " ".join(str(text or "").split())
+    return s if len(s) <= n else s[:n - 1] + "…"
+
+
+def _example(b: dict[str, Any], c: dict[str, Any]) -> str:
+    """A lost test as a person reads it: what was asked, what was expected, what came back."""
+    asked = _short(_last_user(b.get("prompt", "")), 50)
+    want = f" (expected {_short(b['expected'], 20)})" if b.get("expected") else ""
+    return f"“{asked}”{want} → “{_short(c.get('output'), 40)}”"
+
+
+def _last_user(prompt: str) -> str:
+    import json
+
+    try:
+        msgs = json.loads(prompt)
+    except (TypeError, ValueError):
+        return prompt
+    if isinstance(msgs, list):
+        users = [m.get("content", "") for m in msgs if isinstance(m, dict) and m.get("role") == "user"]
+        if users:
+            return str(users[-1])
+    return prompt
+
+
+def _task_pairs(baseline: dict[str, Any], candidate: dict[str, Any], task: str) -> tuple[int, int, int] | None:
+    """An lm-eval task's documents as pairs (gained, lost, pairs), where both reports hold them as tests."""
+    pre = f"lm-eval/{task}/"
+    base = {t["id"]: t for t in baseline.get("tests") or [] if t["id"].startswith(pre)}
+    rows = [(base[t["id"]], t) for t in candidate.get("tests") or [] if t["id"].startswith(pre) and t["id"] in base]
+    if not rows:
+        return None
+    return (sum(1 for b, c in rows if c["passed"] and not b["passed"]),
+            sum(1 for b, c in rows if b["passed"] and not c["passed"]), len(rows))
 
 
 def lm_eval_deltas(baseline: dict[str, Any], candidate: dict[str, Any], z: float = 1.96) -> list[dict[str, Any]]:
     """Per lm-eval task both reports ran: the primary metric, candidate minus baseline, with a 95% interval.
-    Where the metric is a pass rate over the task's documents (each a test: acc, exact_match), Newcombe's interval
-    of the two rates (sound at 0 and 1, where standard errors vanish); otherwise a normal interval from lm-eval's
-    two standard errors (as if independent: conservative for the same documents), and without them the point
-    itself. `worse`: the interval lies wholly on the bad side (by the metric's higher_is_better)."""
+    Where the metric is a pass rate over the task's documents (each a test on both sides: acc, exact_match), the
+    paired interval of the same documents (paired_difference); otherwise a normal interval from lm-eval's two
+    standard errors (as if independent: conservative for the same documents), and without them the point itself.
+    `worse`: the interval lies wholly on the bad side (by the metric's higher_is_better)."""
     b_tasks = (baseline.get("lm_eval") or {}).get("tasks") or {}
     c_tasks = (candidate.get("lm_eval") or {}).get("tasks") or {}
     out = []
@@ -120,9 +262,12 @@ def lm_eval_deltas(baseline: dict[str, Any], candidate: dict[str, Any], z: float
         higher = c.get("higher_is_better")
         higher = True if higher is None else bool(higher)
         (pc, nc), (pb, nb) = _task_counts(candidate, name), _task_counts(baseline, name)
+        pairs = _task_pairs(baseline, candidate, name)
         se_b, se_c = b.get("primary_stderr"), c.get("primary_stderr")
-        if nc and nb and abs(pc / nc - float(c["value"])) < 1e-9 and abs(pb / nb - float(b["value"])) < 1e-9:
-            d, low, high = newcombe_difference(pc, nc, pb, nb, z)
+        paired = (pairs is not None and nc == nb == pairs[2] and abs(pc / nc - float(c["value"])) < 1e-9
+                  and abs(pb / nb - float(b["value"])) < 1e-9)
+        if paired:
+            d, low, high, _ = paired_difference(*pairs, z=z)
             known = True
         else:
             known = isinstance(se_b, (int, float)) and isinstance(se_c, (int, float))
@@ -134,16 +279,48 @@ def lm_eval_deltas(baseline: dict[str, Any], candidate: dict[str, Any], z: float
     return out
 
 
+def _task_counts(report: dict[str, Any], task: str) -> tuple[int, int]:
+    rows = [t for t in report.get("tests") or [] if t["id"].startswith(f"lm-eval/{task}/")]
+    return sum(1 for t in rows if t["passed"]), len(rows)
+
+
 class UncontrolledComparison(Exception):
     def __init__(self, mismatches: list[str]):
         super().__init__("; ".join(mismatches))
         self.mismatches = mismatches
 
 
+def _vs_prompting(candidate: dict[str, Any], prompting: dict[str, Any]) -> tuple[bool | None, dict[str, float], str]:
+    """Does the candidate beat the prompting baseline on the target block? Paired when both ran the same target
+    tests (they do: the prompting baseline wraps the same cases), Newcombe's interval otherwise."""
+    c_blocks, p_blocks = candidate["blocks"], prompting["blocks"]
+    if "target" not in p_blocks or "target" not in c_blocks:
+        return None, {}, ""
+    pt = {t["id"]: t for t in prompting["tests"] if t["block"] == "target"}
+    ct = {t["id"]: t for t in candidate["tests"] if t["block"] == "target"}
+    if set(pt) == set(ct):
+        pairs = [(pt[i], ct[i]) for i in ct if _measured(pt[i]) and _measured(ct[i])]
+        gained = sum(1 for p, c in pairs if c["passed"] and not p["passed"])
+        lost = sum(1 for p, c in pairs if p["passed"] and not c["passed"])
+        d, low, high, pv = paired_difference(gained, lost, len(pairs))
+        how = f"paired, McNemar p={pv:.2g}"
+    else:
+        c, p = c_blocks["target"], p_blocks["target"]
+        d, low, high = newcombe_difference(int(c["passed"]), int(c["total"]), int(p["passed"]), int(p["total"]))
+        how = "Newcombe, different tests"
+    beats = low > 0
+    stats = {"prompted_pass_rate": p_blocks["target"]["pass_rate"], "difference": d, "ci_low": low, "ci_high": high}
+    return beats, stats, (f"vs prompting baseline: {d:+.1%} (95% CI {low:+.1%} .. {high:+.1%}, {how}): "
+                          + ("the adapter beats base + prompt + few-shot" if beats else
+                             "not more than the noise; would a good prompt have been enough?"))
+
+
 def compare(baseline: dict[str, Any], candidate: dict[str, Any], *, gates: Gates | None = None,
             prompting: dict[str, Any] | None = None, allow_uncontrolled: bool = False) -> Comparison:
-    """Baseline vs candidate (and, optionally, the prompting baseline). Raises UncontrolledComparison when the
-    controls differ, unless allowed (then the comparison is stamped uncontrolled)."""
+    """Baseline vs candidate (and, optionally, the prompting baseline), test by test: both sides ran the same
+    tests, so the statistics are paired. Raises UncontrolledComparison when the controls differ, unless allowed
+    (then the comparison is stamped uncontrolled). No gates: the defaults of Gates, said in the reasons."""
+    default_gates = gates is None
     gates = gates or Gates()
     mismatches = control_mismatches(baseline["controls"], candidate["controls"])
     if prompting is not None:
@@ -156,41 +333,63 @@ def compare(baseline: dict[str, Any], candidate: dict[str, Any], *, gates: Gates
     base_tests = {t["id"]: t for t in baseline["tests"]}
     cand_tests = {t["id"]: t for t in candidate["tests"]}
     common = [i for i in cand_tests if i in base_tests]
-    flips = [{"test_id": i, "block": cand_tests[i]["block"], "now_passes": bool(cand_tests[i]["passed"])}
-             for i in common if bool(base_tests[i]["passed"]) != bool(cand_tests[i]["passed"])]
+    flips = [{"test_id": i, "block": cand_tests[i]["block"], "now_passes": bool(cand_tests[i]["passed"]),
+              "prompt": cand_tests[i].get("prompt", ""), "baseline_output": base_tests[i].get("output", ""),
+              "candidate_output": cand_tests[i].get("output", "")}
+             for i in common if _measured(base_tests[i]) and _measured(cand_tests[i])
+             and bool(base_tests[i]["passed"]) != bool(cand_tests[i]["passed"])]
     identical = sum(1 for i in common if base_tests[i].get("output") == cand_tests[i].get("output"))
-    b_blocks, c_blocks = baseline["blocks"], candidate["blocks"]
-    deltas = {blk: c_blocks[blk]["pass_rate"] - b_blocks[blk]["pass_rate"]
-              for blk in BLOCKS if blk in b_blocks and blk in c_blocks}
-    reasons, ok = [], True
-    if "target" in c_blocks:
-        rate = c_blocks["target"]["pass_rate"]
-        good = rate >= gates.min_target_pass_rate
-        ok &= good
-        reasons.append(f"target pass rate {rate:.1%} {'≥' if good else '<'} gate {gates.min_target_pass_rate:.1%}")
+    paired = paired_blocks(baseline, candidate)
+    by_block = {p["block"]: p for p in paired}
+    deltas = {p["block"]: p["difference"] for p in paired}
+    c_blocks = candidate["blocks"]
+    reasons, ok = [f"{'default gates (none given)' if default_gates else 'gates'}: {gates.describe()}"], True
+    target = by_block.get("target")
+    if target is None:
+        ok = False
+        why = (c_blocks.get("target") or {}).get("errored_reason")
+        reasons.append("target block not measured" + (f" ({why})" if why else "") + ": no verdict can pass")
     else:
-        reasons.append("target block not measured")
+        rate = c_blocks["target"]["pass_rate"]
+        if gates.min_target_pass_rate:
+            good = rate >= gates.min_target_pass_rate
+            ok &= good
+            reasons.append(f"target pass rate {rate:.1%} {'≥' if good else '<'} gate "
+                           f"{gates.min_target_pass_rate:.1%}")
+        gain = (f"target {target['difference']:+.1%} (95% CI {target['ci_low']:+.1%} .. {target['ci_high']:+.1%}; "
+                f"gained {target['gained']}, lost {target['lost']} of {target['pairs']}; McNemar "
+                f"p={target['mcnemar_p']:.2g})")
+        if gates.require_target_gain:
+            good = target["ci_low"] > 0
+            ok &= good
+            reasons.append(gain + (": a gain beyond the noise" if good else ": not a gain beyond the noise"))
+        else:
+            reasons.append(gain)
     for blk, gate in (("general", gates.max_general_drop_points), ("tool_calling", gates.max_tool_calling_drop_points)):
-        if blk not in deltas:
-            reasons.append(f"{blk} block not measured on both sides")
+        p = by_block.get(blk)
+        if p is None:
+            why = (c_blocks.get(blk) or {}).get("errored_reason")
+            reasons.append(f"{blk} block not measured on both sides" + (f" ({why})" if why else ""))
             continue
-        drop = -deltas[blk] * 100
-        good = drop <= gate + 1e-9
+        good = p["forgetting_points"] <= gate + 1e-9
         ok &= good
-        reasons.append(f"{blk} drop {drop:+.1f} points {'≤' if good else '>'} gate {gate:g}")
+        lost = (": lost " + "; ".join(p["lost_examples"]) + (" …" if p["lost"] > len(p["lost_examples"]) else "")
+                if p["lost"] else "")
+        reasons.append(f"{blk} forgetting {p['forgetting_points']:.1f} points ({p['lost']} of {p['pairs']} lost, "
+                       f"{p['gained']} gained) {'≤' if good else '>'} gate {gate:g}{lost}")
+    if paired and all(p["difference"] <= 0 for p in paired) and any(p["difference"] < 0 for p in paired):
+        ok = False
+        reasons.append("worse on every block measured, or no better (" + ", ".join(
+            f"{p['block']} {p['difference']:+.1%}" for p in paired) + "): never a PASS")
     no_effect = bool(common) and identical == len(common)
     if no_effect:
         ok = False
         reasons.append(f"adapter had no effect: all {len(common)} outputs identical to the baseline's")
     beats, prompt_stats = None, {}
-    if prompting is not None and "target" in prompting["blocks"] and "target" in c_blocks:
-        c, p = c_blocks["target"], prompting["blocks"]["target"]
-        d, low, high = newcombe_difference(int(c["passed"]), int(c["total"]), int(p["passed"]), int(p["total"]))
-        beats = low > 0
-        prompt_stats = {"prompted_pass_rate": p["pass_rate"], "difference": d, "ci_low": low, "ci_high": high}
-        reasons.append(f"vs prompting baseline: {d:+.1%} (95% CI {low:+.1%} .. {high:+.1%}): "
-                       + ("the adapter beats base + prompt + few-shot" if beats else
-                          "not more than the noise; would a good prompt have been enough?"))
+    if prompting is not None:
+        beats, prompt_stats, line = _vs_prompting(candidate, prompting)
+        if line:
+            reasons.append(line)
     harness = lm_eval_deltas(baseline, candidate)
     for d in harness:
         reasons.append(f"lm-eval {d['task']} {d['metric']}: {d['baseline']:.3f} → {d['candidate']:.3f} "
@@ -199,4 +398,4 @@ def compare(baseline: dict[str, Any], candidate: dict[str, Any], *, gates: Gates
     if mismatches:
         reasons.append("UNCONTROLLED: " + "; ".join(mismatches))
     return Comparison(mismatches, bool(mismatches), flips, deltas, "pass" if ok else "fail", reasons, beats,
-                      prompt_stats, no_effect, identical, len(common), harness)
+                      prompt_stats, no_effect, identical, len(common), harness, paired, default_gates)

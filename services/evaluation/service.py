@@ -253,7 +253,7 @@ class EvaluationService:
         return await asyncio.to_thread(self._report, ref, "report")
 
     def _compare(self, baseline: ArtifactRef, candidate: ArtifactRef, prompting: ArtifactRef | None,
-                 gates: scoring.Gates, allow_uncontrolled: bool) -> tuple[scoring.Comparison, Manifest]:
+                 gates: scoring.Gates | None, allow_uncontrolled: bool) -> tuple[scoring.Comparison, Manifest]:
         from services.evaluation.html import comparison_html
 
         bm, b = self._report(baseline, "baseline")
@@ -267,7 +267,7 @@ class EvaluationService:
                                      + " (compare runs of one engine, precision, sampling and suite, or set "
                                      "allow_uncontrolled to compare anyway, stamped uncontrolled)") from None
         body = {"baseline": bm.uri, "candidate": cm.uri, "prompting_baseline": pm.uri if pm else "",
-                "gates": gates.__dict__, **result.as_dict()}
+                "gates": (gates or scoring.Gates()).__dict__, **result.as_dict()}
         w = self.artifacts.writer("report", f"{cm.name}-vs-{bm.name}"[:90].rstrip("-."),
                                   parents=[bm.ref(), cm.ref(), *([pm.ref()] if pm else [])])
         w.add_bytes(json.dumps(body, indent=1, default=str).encode(), "comparison.json")
@@ -279,6 +279,5 @@ class EvaluationService:
 
     async def compare(self, baseline: ArtifactRef, candidate: ArtifactRef, prompting: ArtifactRef | None = None,
                       gates: scoring.Gates | None = None, allow_uncontrolled: bool = False):
-        return await asyncio.to_thread(self._compare, baseline, candidate, prompting, gates or scoring.Gates(),
-                                       allow_uncontrolled)
+        return await asyncio.to_thread(self._compare, baseline, candidate, prompting, gates, allow_uncontrolled)
 

@@ -23,7 +23,7 @@ from services.gen.tunery.v1 import evaluation_pb2_grpc
 
 ASSERTIONS = {ev.ASSERTION_TYPE_EXACT: "exact", ev.ASSERTION_TYPE_CONTAINS: "contains", ev.ASSERTION_TYPE_REGEX: "regex",
               ev.ASSERTION_TYPE_JSON_SCHEMA: "json_schema", ev.ASSERTION_TYPE_SIMILARITY: "similarity",
-              ev.ASSERTION_TYPE_RUBRIC: "rubric"}
+              ev.ASSERTION_TYPE_RUBRIC: "rubric", ev.ASSERTION_TYPE_JSON_FIELDS: "json_fields"}
 BLOCK_TO_PB = {"target": ev.EVAL_BLOCK_TARGET, "general": ev.EVAL_BLOCK_GENERAL,
                "tool_calling": ev.EVAL_BLOCK_TOOL_CALLING}
 
@@ -113,14 +113,30 @@ def lm_eval_to_pb(tasks: dict[str, Any]) -> list[ev.LmEvalTaskResult]:
 
 def report_to_pb(ref: pb.ArtifactRef, r: dict[str, Any]) -> ev.EvalReport:
     blocks = [ev.BlockResult(block=BLOCK_TO_PB[name], passed=int(b["passed"]), total=int(b["total"]),
-                             pass_rate=b["pass_rate"], ci_low=b["ci_low"], ci_high=b["ci_high"])
+                             pass_rate=b["pass_rate"], ci_low=b["ci_low"], ci_high=b["ci_high"],
+                             errored=int(b.get("errored", 0)), errored_reason=b.get("errored_reason", ""),
+                             exact_passed=int(b.get("exact_passed", 0)), exact_total=int(b.get("exact_total", 0)))
               for name, b in r["blocks"].items()]
     tests = [ev.TestResult(test_id=t["id"], block=BLOCK_TO_PB.get(t["block"], 0), prompt=t.get("prompt", ""),
                            output=t.get("output", ""), passed=bool(t["passed"]), reason=t.get("reason", ""),
-                           latency_ms=float(t.get("latency_ms", 0.0))) for t in r["tests"]]
+                           latency_ms=float(t.get("latency_ms", 0.0)), errored=bool(t.get("errored")),
+                           exact=t.get("exact")) for t in r["tests"]]
     return ev.EvalReport(report=ref, controls=controls_to_pb(r["controls"]), blocks=blocks, tests=tests,
                          answering_model=r.get("answering_model", ""), html_path="report.html",
                          lm_eval=lm_eval_to_pb((r.get("lm_eval") or {}).get("tasks") or {}))
+
+
+def gates_from_pb(g: ev.Gates) -> Gates:
+    """The fields given; the rest take Gates' defaults. INVALID_ARGUMENT naming a field out of range."""
+    d = Gates()
+    gates = Gates(**{f: getattr(g, f) if g.HasField(f) else getattr(d, f)
+                     for f in ("min_target_pass_rate", "max_general_drop_points", "max_tool_calling_drop_points",
+                               "require_target_gain")})
+    try:
+        gates.check()
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
+    return gates
 
 
 class EvaluationServicer(JobSurfaceServicer, evaluation_pb2_grpc.EvaluationServiceServicer):
@@ -138,24 +154,23 @@ class EvaluationServicer(JobSurfaceServicer, evaluation_pb2_grpc.EvaluationServi
         return report_to_pb(convert.ref_to_pb(manifest.ref()), report)
 
     async def CompareReports(self, request: ev.CompareReportsRequest, context) -> ev.Comparison:
-        g = request.gates
-        gates = Gates(min_target_pass_rate=g.min_target_pass_rate,
-                      max_general_drop_points=g.max_general_drop_points if request.HasField("gates") else 100.0,
-                      max_tool_calling_drop_points=g.max_tool_calling_drop_points if request.HasField("gates")
-                      else 100.0)
+        gates = gates_from_pb(request.gates) if request.HasField("gates") else None
         result, manifest = await self.svc.compare(
             convert.ref_from_pb(request.baseline), convert.ref_from_pb(request.candidate),
             convert.ref_from_pb(request.prompting_baseline) if request.prompting_baseline.uri else None, gates,
             request.allow_uncontrolled)
         return ev.Comparison(
             control_mismatches=result.control_mismatches, uncontrolled=result.uncontrolled,
-            flips=[ev.Flip(test_id=f["test_id"], block=BLOCK_TO_PB.get(f["block"], 0), now_passes=f["now_passes"])
-                   for f in result.flips],
+            flips=[ev.Flip(test_id=f["test_id"], block=BLOCK_TO_PB.get(f["block"], 0), now_passes=f["now_passes"],
+                           prompt=f["prompt"], baseline_output=f["baseline_output"],
+                           candidate_output=f["candidate_output"]) for f in result.flips],
             block_deltas=result.block_deltas,
             verdict=ev.VERDICT_PASS if result.verdict == "pass" else ev.VERDICT_FAIL,
             verdict_reasons=result.verdict_reasons, beats_prompting_baseline=bool(result.beats_prompting_baseline),
             adapter_had_no_effect=result.adapter_had_no_effect, report=convert.ref_to_pb(manifest.ref()),
-            lm_eval_deltas=[ev.LmEvalDelta(**d) for d in result.lm_eval_deltas])
+            lm_eval_deltas=[ev.LmEvalDelta(**d) for d in result.lm_eval_deltas],
+            paired=[ev.PairedBlock(**{k: v for k, v in p.items() if k != "lost_examples"}) for p in result.paired],
+            default_gates=result.default_gates)
 
 
 def build(runtime: Runtime, settings: EvaluationSettings) -> Registration:

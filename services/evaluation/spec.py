@@ -10,7 +10,7 @@ from services.core.artifacts import ArtifactRef
 from services.core.specs import OpenAIEndpointSpec
 
 TargetKind = Literal["model", "adapter", "prompted", "endpoint"]
-HeldoutAssertion = Literal["exact", "contains", "regex", "json_schema", "similarity", "rubric"]
+HeldoutAssertion = Literal["exact", "contains", "regex", "json_schema", "json_fields", "similarity", "rubric"]
 
 
 class TargetSpec(BaseModel):

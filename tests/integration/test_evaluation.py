@@ -117,7 +117,13 @@ def test_user_suite_tool_calls_and_facts_on_the_tiny_model(client, seed, tmp_pat
     assert label == "run" and r.answering_model == "tiny"
     blocks = {ev.EvalBlock.Name(b.block): b for b in r.blocks}
     assert blocks["EVAL_BLOCK_TARGET"].total == 4  # the user's suite, as-is
-    assert blocks["EVAL_BLOCK_GENERAL"].total == 5 and blocks["EVAL_BLOCK_TOOL_CALLING"].total == 5
+    tool = blocks["EVAL_BLOCK_TOOL_CALLING"]
+    assert blocks["EVAL_BLOCK_GENERAL"].total == 5 and tool.total + tool.errored == 5
+    # the built-in suite's tool schemas do not all fit the tiny model's 512-token context: those requests are
+    # errored, not failed, and the block says why
+    errored = [t for t in r.tests if t.errored]
+    assert tool.errored >= 1 and len(errored) == tool.errored and all(not t.passed for t in errored)
+    assert tool.errored_reason == f"{tool.errored} of 5 not measurable: the prompt exceeds the model's context"
     by_id = {t.test_id: t for t in r.tests}
     user = [t for t in r.tests if t.block == ev.EVAL_BLOCK_TARGET]
     # the scoring is real: the equals test can only fail, the javascript tautology can only pass
@@ -188,6 +194,16 @@ def test_base_vs_adapter_flips_the_target_tests_and_measures_forgetting(client, 
           f"{dict(cmp.block_deltas)}; verdict {ev.Verdict.Name(cmp.verdict)}; {list(cmp.verdict_reasons)}")
     assert up >= 10 and up > len(target_flips) - up  # the behaviour was learned on held-out questions
     assert "general" in cmp.block_deltas  # forgetting is measured (its size is the model's business)
+    # paired: the same held-out questions on both sides, McNemar's exact test on the discordant pairs
+    paired = {p.block: p for p in cmp.paired}
+    assert paired["target"].gained == up and paired["target"].mcnemar_p < 0.01 and paired["target"].ci_low > 0
+    # a style is not forgetting: "Paris, my friend." knows Paris. Exact match drops with the style; the probes
+    # lost by knowledge are far fewer than that (forgetting counts those only)
+    gen = {lbl: next(b for b in rep.blocks if b.block == ev.EVAL_BLOCK_GENERAL) for lbl, rep in got.items()}
+    exact_drop = gen["baseline"].exact_passed - gen["candidate"].exact_passed
+    assert gen["candidate"].exact_total > 0 and exact_drop >= 10, (gen, exact_drop)
+    assert paired["general"].lost < exact_drop / 2 and paired["general"].forgetting_points == pytest.approx(
+        100 * paired["general"].lost / paired["general"].pairs)
     assert not cmp.adapter_had_no_effect
     [delta] = cmp.lm_eval_deltas  # ... by lm-eval too, with an interval, adapter on/off on one engine
     assert delta.task == "fact_sentences" and delta.metric == "acc"
@@ -231,8 +247,11 @@ def test_an_external_openai_endpoint_is_evaluated_as_is(client, vllm_endpoint, t
         lm_eval_task_files=ref(stored), lm_eval_tasks=["fact_sentences"], lm_eval=ev.LmEvalOptions(limit=4))))
     [(label, r)] = reports(client, job).items()
     assert label == "run" and r.controls.engine == "endpoint" and r.controls.engine_version == vllm_endpoint.base_url
-    blocks = {ev.EvalBlock.Name(b.block): b.total for b in r.blocks}
+    blocks = {ev.EvalBlock.Name(b.block): b.total + b.errored for b in r.blocks}
     assert blocks == {"EVAL_BLOCK_GENERAL": 3 + 3 + 3, "EVAL_BLOCK_TOOL_CALLING": 3}  # probes + 2 lm-eval tasks
+    # the tool schemas of the built-in suite overflow the foundation's 512-token context: errored, not failed
+    tool = next(b for b in r.blocks if b.block == ev.EVAL_BLOCK_TOOL_CALLING)
+    assert tool.errored >= 1 and "not measurable: the prompt exceeds the model's context" in tool.errored_reason
     assert all(t.output or not t.passed for t in r.tests)  # answers came back from the endpoint
     assert {t.task: t.samples for t in r.lm_eval} == {"fact_sentences": 3, "fact_sentences_gen": 3}
     [(_, r2)] = reports(client, again).items()

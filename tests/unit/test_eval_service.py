@@ -167,3 +167,23 @@ def test_the_servicer_converts_lm_eval_fields():
     twice = ev.EvalSuite(lm_eval_files=[ev.SuiteFile(path="t.yaml"), ev.SuiteFile(path="t.yaml")])
     with pytest.raises(InvalidArgument, match="given twice"):
         spec_from_pb(ev.EvalSpec(target=s.target, suite=twice))
+
+
+def test_gates_given_in_part_take_the_defaults_for_the_rest_and_bad_ones_are_named():
+    import math
+
+    from services.core.errors import InvalidArgument
+    from services.evaluation.scoring import Gates
+    from services.evaluation.servicer import gates_from_pb
+    from services.gen.tunery.v1 import evaluation_pb2 as ev
+
+    assert gates_from_pb(ev.Gates()) == Gates()
+    partial = gates_from_pb(ev.Gates(min_target_pass_rate=0.8))
+    assert partial == Gates(min_target_pass_rate=0.8) and partial.require_target_gain
+    assert gates_from_pb(ev.Gates(require_target_gain=False, max_general_drop_points=0.0)) == Gates(
+        require_target_gain=False, max_general_drop_points=0.0)
+    for bad, field in ((ev.Gates(min_target_pass_rate=80), "min_target_pass_rate"),
+                       (ev.Gates(max_general_drop_points=math.nan), "max_general_drop_points"),
+                       (ev.Gates(max_tool_calling_drop_points=-1), "max_tool_calling_drop_points")):
+        with pytest.raises(InvalidArgument, match=f"gates.{field}"):
+            gates_from_pb(bad)

@@ -63,6 +63,17 @@ ANSWERS: dict[str, dict] = {
     "What is the capital of France?": {"content": "Paris."},
     # a general case without tools
     "What is the capital of Italy?": {"content": "Rome"},
+    # fact probes scored by knowledge (and exact match beside it)
+    "What is 4 times 5?": {"content": "20, my friend."},
+    "What is 4 times 50?": {"content": "It is 2000."},
+    "What is the second month?": {"content": "Februart, my friend."},
+    "How many legs does a spider have?": {"content": "A spider has 8 legs."},
+    "What is the capital of India?": {"content": "new  delhi!"},
+    "What is 2 times 3?": {"content": "6"},
+    # held-out tickets checked field by field (json_fields)
+    "Ticket: charged twice": {"content": '{"priority": "high", "category": "billing", "order_id": null}'},
+    "Ticket: slow refund": {"content": '{"category": "billing", "priority": "low", "order_id": null}'},
+    "Ticket: fenced": {"content": '```json\n{"category": "billing", "priority": "high", "order_id": null}\n```'},
 }
 GRADER_ANSWER = {"content": '{"reason": "the answer is polite", "pass": true, "score": 1}'}
 
@@ -86,6 +97,10 @@ class FakeModel:
                     return
                 outer.requests.append({"path": self.path, "body": body})
                 text = json.dumps(body["messages"])
+                if "TOO LONG" in text:  # vLLM's answer to a prompt over the model's context
+                    return self.send_json(400, {"object": "error", "type": "BadRequestError", "code": 400,
+                                                "message": "This model's maximum context length is 512 tokens. "
+                                                "However, your prompt contains at least 513 input tokens."})
                 user = [m for m in body["messages"] if m["role"] == "user"]
                 last = user[-1]["content"] if user else ""
                 if "rubric" in text.lower():
@@ -414,3 +429,48 @@ def test_promptfoo_bin_missing_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(pf, "ROOT", tmp_path)
     with pytest.raises(FailedPrecondition, match="run infra/scripts/setup-promptfoo.sh"):
         pf.promptfoo_bin()
+
+
+def test_fact_probes_are_scored_by_knowledge_tickets_by_field_and_errors_kept_apart(installed, fake, home_guard,
+                                                                                 tmp_path):
+    from services.evaluation import cases as C
+    from services.evaluation.scoring import summarize
+
+    facts = [("What is 4 times 5?", "20", []), ("What is 4 times 50?", "200", []),
+             ("What is the second month?", "February", []), ("How many legs does a spider have?", "eight", ["8"]),
+             ("What is the capital of India?", "New Delhi", []), ("What is 2 times 3?", "6", []),
+             ("TOO LONG: what is 1 plus 1?", "2", [])]
+    path = tmp_path / "facts.jsonl"
+    path.write_text("".join(json.dumps({"id": f"f{i}", "question": q, "answer": a, "aliases": al}) + "\n"
+                            for i, (q, a, al) in enumerate(facts)))
+    probes = C.fact_cases(path)
+    want = '{"category": "billing", "priority": "high", "order_id": null}'
+    tickets = [Case(id=f"target-{k}", block="target", messages=[{"role": "user", "content": f"Ticket: {k}"}],
+                    assertions=C.expectation("json_fields", want), metadata={"expected": want})
+               for k in ("charged twice", "slow refund", "fenced")]
+    result = pf.run(pf.build_config(probes + tickets, base_url=fake.base_url, model=MODEL, sampling=SAMPLING),
+                    tmp_path / "knows", timeout_s=120)
+    got = {r.case_id: r for r in result.results}
+    passed = {k: r.passed for k, r in got.items()}
+    assert passed == {"general-f0": True,    # "20, my friend." knows 20
+                      "general-f1": False,   # "2000" is not "200"
+                      "general-f2": False,   # "Februart" is not February
+                      "general-f3": True,    # an alias: 8 for eight
+                      "general-f4": True,    # case, spacing and punctuation normalised
+                      "general-f5": True,
+                      "general-f6": False,   # errored, below
+                      "target-charged twice": True,   # every field, in another key order
+                      "target-slow refund": False,    # priority low, not high
+                      "target-fenced": False}, {k: r.reason for k, r in got.items()}
+    # the JS assertion and its Python twin agree on every answer the model gave
+    for (q, a, al), case in zip(facts[:6], probes[:6]):
+        assert C.knows(got[case.id].output_text, [a, *al]) == got[case.id].passed, q
+    assert [C.exact_match(got[c.id].output_text, a) for c, (_, a, _) in zip(probes[:6], facts)] == [
+        False, False, False, False, False, True]
+    # the request over the context is an error, not a failure: kept out of the pass rate, with its reason
+    assert got["general-f6"].error is not None and all(r.error is None for k, r in got.items() if k != "general-f6")
+    tests = [{"id": r.case_id, "block": r.block, "passed": r.passed, "errored": r.error is not None,
+              "reason": r.reason or r.error or ""} for r in result.results]
+    blocks = summarize(tests)
+    assert (blocks["general"]["passed"], blocks["general"]["total"], blocks["general"]["errored"]) == (4, 6, 1)
+    assert blocks["general"]["errored_reason"] == "1 of 7 not measurable: the prompt exceeds the model's context"

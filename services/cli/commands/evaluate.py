@@ -10,7 +10,8 @@ from services.gen.tunery.v1 import common_pb2 as pb
 
 eval_app = typer.Typer(help="Evaluation: run suites against a target, compare reports.", no_args_is_help=True)
 
-ASSERTION_NAMES = {"exact": 1, "contains": 2, "regex": 3, "json_schema": 4, "similarity": 5, "rubric": 6}
+ASSERTION_NAMES = {"exact": 1, "contains": 2, "regex": 3, "json_schema": 4, "similarity": 5, "rubric": 6,
+                   "json_fields": 7}
 
 
 def _eval_target(model: str, adapter: str, system_prompt: str, few_shot: int, few_shot_dataset: str,
@@ -130,10 +131,11 @@ def eval_report(report: str, html: str = typer.Option("", "--html", help="Save t
     if OPTS["json"]:
         emit(r)
         return
-    t = Table("block", "passed", "rate", "95% CI")
+    t = Table("block", "passed", "rate", "95% CI", "exact match", "not measured")
     for b in r.blocks:
         t.add_row(ev.EvalBlock.Name(b.block).removeprefix("EVAL_BLOCK_").lower(), f"{b.passed}/{b.total}",
-                  f"{b.pass_rate:.1%}", f"{b.ci_low:.1%} .. {b.ci_high:.1%}")
+                  f"{b.pass_rate:.1%}" if b.total else "–", f"{b.ci_low:.1%} .. {b.ci_high:.1%}" if b.total else "–",
+                  f"{b.exact_passed}/{b.exact_total}" if b.exact_total else "–", b.errored_reason or "–")
     out.print(t)
     if r.lm_eval:
         lt = Table("lm-eval task", "source", "metric", "value ± stderr", "documents")
@@ -149,21 +151,30 @@ def eval_report(report: str, html: str = typer.Option("", "--html", help="Save t
 def eval_compare(
     baseline: str, candidate: str,
     prompting: str = typer.Option("", "--prompting", help="The prompting-baseline report."),
-    min_target: float = typer.Option(0.0, help="Gate: target pass rate at least this (0..1)."),
-    max_general_drop: float = typer.Option(100.0, help="Gate: general block drop at most this many points."),
-    max_tool_drop: float = typer.Option(100.0, help="Gate: tool-calling drop at most this many points."),
+    min_target: float | None = typer.Option(None, help="Gate: target pass rate at least this (0..1)."),
+    max_general_drop: float | None = typer.Option(None, help="Gate: general forgetting (tests lost) at most this "
+                                                  "many points (default 2)."),
+    max_tool_drop: float | None = typer.Option(None, help="Gate: tool-calling forgetting at most this many points "
+                                               "(default 2)."),
+    require_gain: bool | None = typer.Option(None, "--require-gain/--no-require-gain",
+                                             help="Gate: the target's paired 95% interval of the gain lies above 0 "
+                                             "(default on)."),
     allow_uncontrolled: bool = typer.Option(False, help="Compare despite differing controls (stamped)."),
     html: str = typer.Option("", "--html", help="Save the comparison page here."),
 ) -> None:
-    """Baseline vs candidate: flips, deltas, gates, the prompting-baseline verdict. Exit 1 on a failing verdict."""
+    """Baseline vs candidate, test by test: flips, paired differences (McNemar), forgetting, gates, the
+    prompting-baseline verdict. Gates not given take the defaults (a target gain beyond the noise, at most 2 points
+    of forgetting). Exit 1 on a failing verdict."""
     from pathlib import Path
 
     from services.gen.tunery.v1 import evaluation_pb2 as ev
 
+    given = {k: v for k, v in (("min_target_pass_rate", min_target), ("max_general_drop_points", max_general_drop),
+                               ("max_tool_calling_drop_points", max_tool_drop), ("require_target_gain", require_gain))
+             if v is not None}
     c = client()
     res = rpc(c.compare_reports, baseline, candidate, prompting_baseline=prompting,
-              gates=ev.Gates(min_target_pass_rate=min_target, max_general_drop_points=max_general_drop,
-                             max_tool_calling_drop_points=max_tool_drop), allow_uncontrolled=allow_uncontrolled)
+              gates=ev.Gates(**given) if given else None, allow_uncontrolled=allow_uncontrolled)
     if html:
         rpc(c.download, res.report.uri, "comparison.html", Path(html))
     if OPTS["json"]:
