@@ -16,7 +16,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from services.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from services.core.errors import FailedPrecondition, InvalidArgument
+from services.core.hostpaths import host_path
 from services.core.weights import read_file_header
 
 MOE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -40,11 +41,7 @@ def load_json(path: Path, what: str) -> Any:
 
 def quick_check(source: str, allow_trust_remote_code: bool) -> dict[str, Any]:
     """The checks worth answering synchronously with a precise status. Returns the parsed config."""
-    path = Path(source)
-    if not path.is_absolute():
-        raise InvalidArgument.field("spec.source", f"{source!r} must be an absolute path (or hf://org/name)")
-    if not path.exists():
-        raise NotFound(f"spec.source: {source} does not exist on this host")
+    path = host_path(source, "spec.source", hint=" (or hf://org/name)")
     if not path.is_dir():
         raise InvalidArgument.field("spec.source", f"{source} is a file; give the model's directory")
     if not (path / "config.json").is_file():

@@ -36,6 +36,7 @@ from services.datagen.report import (
 from services.datagen.spec import PrepareOptions  # one definition, shared with the job spec
 from services.datagen.split import choose_holdout, write_split
 from services.datagen.validate import (
+    EMPTY_REPLY,
     Problem,
     ProblemLog,
     check_count,
@@ -108,8 +109,14 @@ class _Run:
         ex = formats.to_example(n, self.fmt, self.file, line, label, text)
         self.n_parsed += 1
         problems = check_example(ex, n.paths, n.names)
+        if not self.spec.keep_empty_replies:
+            problems = [p.model_copy(update={"message": p.message + "; dropped (keep_empty_replies to keep it)"})
+                        if p.message == EMPTY_REPLY else p for p in problems]
         self.log.extend(problems)
         if any(p.severity == "error" for p in problems):
+            return None
+        if not self.spec.keep_empty_replies and any(p.message.startswith(EMPTY_REPLY) for p in problems):
+            self.n_dropped += 1
             return None
         return ex, text
 
@@ -214,6 +221,8 @@ def _report(run: _Run, result: PrepareResult, labels: dict[str, dict[str, int]])
         "labels": labels,
         "num_duplicate_clusters": run.dedup.num_clusters(),
         "duplicate_clusters": cluster_dicts(run.dedup.clusters(), MAX_CLUSTERS),
+        "num_similar_pairs": run.dedup.num_review, "similar_pairs": run.dedup.review,
+        "similar_from": run.dedup.review_from,
         # the API's issues: the first N errors, then the first N warnings
         "problems": [p.model_dump() for p in run.log.errors[:n] + run.log.warnings[:n]],
         "flagged": [p.model_dump() for p in run.log.warnings[:MAX_FLAGGED]],

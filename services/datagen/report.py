@@ -202,6 +202,12 @@ def render_html(r: dict[str, Any]) -> str:
     parts.append(_table([(c["kind"], ", ".join(f"line {ln} ({i})" for ln, i in c["members"][:1]),
                           ", ".join(f"line {ln} ({i})" for ln, i in c["members"][1:])) for c in clusters],
                         ("kind", "kept", "duplicates")))
+    similar = r.get("similar_pairs", [])
+    if similar:
+        parts.append(f"<h2>Similar pairs to review ({r.get('num_similar_pairs', len(similar)):,}: similarity "
+                     f"{r.get('similar_from', 0):.2f} to below the near-duplicate threshold; kept)</h2>")
+        parts.append(_table([(f"line {p['line']} ({p['id']})", f"line {p['of_line']} ({p['of_id']})",
+                              f"{p['similarity']:.2f}") for p in similar], ("example", "similar to", "similarity")))
     errors = [p for p in r.get("problems", []) if p["severity"] == "error"]
     parts += [f'<h2 class="error">Errors ({counts["errors"]:,}; first {len(errors)} shown)</h2>', _problems(errors),
               f'<h2 class="warning">Flagged examples ({counts["warnings"]:,} warnings; first '

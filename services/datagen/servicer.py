@@ -26,7 +26,9 @@ SEVERITY = {"error": datagen_pb2.ISSUE_SEVERITY_ERROR, "warning": datagen_pb2.IS
 def prepare_options(s: datagen_pb2.PrepareDatasetSpec) -> dict[str, Any]:
     """Only the fields the caller set: the typed spec's defaults fill the rest."""
     opts: dict[str, Any] = {"format": convert.enum_name(FORMATS, s.format, "spec.format")}
-    for proto_name, name in [("holdout_fraction", "holdout_fraction"), ("seed", "seed"),
+    if s.HasField("holdout_fraction"):
+        opts["holdout_fraction"] = s.holdout_fraction
+    for proto_name, name in [("seed", "seed"), ("keep_empty_replies", "keep_empty_replies"),
                              ("near_duplicate_threshold", "near_duplicate_threshold"), ("max_tokens", "max_tokens"),
                              ("min_examples", "min_examples"), ("stratify_field", "stratify_field"),
                              ("max_reported_problems", "max_reported_problems"), ("drop_too_long", "drop_too_long")]:

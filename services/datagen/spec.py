@@ -25,6 +25,7 @@ class PrepareOptions(BaseModel):
     dedup: Literal["none", "exact", "near"] = "near"
     dedup_action: Literal["drop", "flag"] = "drop"
     near_duplicate_threshold: float = Field(0.8, gt=0.0, le=1.0)
+    keep_empty_replies: bool = False  # an example whose assistant reply is empty teaches silence: dropped by default
     max_tokens: int = Field(0, ge=0)
     drop_too_long: bool = False
     min_examples: int = Field(1, ge=1)

@@ -22,6 +22,9 @@ Severity = Literal["error", "warning"]
 TEMPLATE_MARKER = re.compile(r"\{\{|\{%|<\|[a-z_]{2,30}\|>|\[/?INST\]|<</?SYS>>")
 
 
+EMPTY_REPLY = "the assistant reply is empty"
+
+
 class Problem(BaseModel):
     severity: Severity
     file: str = ""
@@ -137,7 +140,7 @@ def _check_turns(turns: list[dict], paths: list[str], names: dict[str, str], sta
                 if content is None:
                     add(i, "error", ".content", "is missing (an assistant turn needs content or tool_calls)")
                 elif not content.strip():
-                    add(i, "warning", ".content", "the assistant reply is empty")
+                    add(i, "warning", ".content", EMPTY_REPLY)
                 elif last_user and content.strip() == last_user:
                     add(i, "warning", ".content", "the assistant reply repeats the user's prompt word for word")
             call_ids = [c.get("id", "") for c in calls] if calls else None

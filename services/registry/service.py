@@ -8,12 +8,13 @@ from pathlib import Path
 from pydantic import Field
 
 from services.core.artifacts import KINDS, ArtifactStore, Manifest
-from services.core.errors import InvalidArgument, NotFound
+from services.core.errors import InvalidArgument
+from services.core.hostpaths import host_path
 from services.core.job_api import JobService, page_size
 from services.core.jobs import JobRecord, JobRunner, Resources, SubmitOptions
 from services.core.keys import validate_id, validate_name
-from services.core.settings import ServiceSettings, port_field
 from services.core.modeldir import quick_check
+from services.core.settings import ServiceSettings, port_field
 from services.registry.spec import DATASET_SUFFIXES, ImportDatasetSpec, ImportModelSpec
 
 HUB_PREFIX = "hf://"
@@ -53,11 +54,7 @@ class RegistryService:
     @staticmethod
     def _check_dataset(spec: ImportDatasetSpec) -> ImportDatasetSpec:
         validate_name(spec.name, "spec.name")
-        path = Path(spec.source)
-        if not path.is_absolute():
-            raise InvalidArgument.field("spec.source", f"{spec.source!r} must be an absolute path")
-        if not path.exists():
-            raise NotFound(f"spec.source: {spec.source} does not exist on this host")
+        path = host_path(spec.source, "spec.source")
         if not path.is_file():
             raise InvalidArgument.field("spec.source", f"{spec.source} is not a regular file")
         if path.suffix.lower() not in DATASET_SUFFIXES:

@@ -188,7 +188,7 @@ class TuneryClient:
         return self._call(self.registry.DeleteArtifact, registry_pb2.DeleteArtifactRequest(id=artifact_id)).id
 
     # ------------------------------------------------------------------ data
-    def prepare_dataset(self, dataset: str, base_model: str, *, name: str = "", holdout: float = 0.0,
+    def prepare_dataset(self, dataset: str, base_model: str, *, name: str = "", holdout: float | None = None,
                         dedup: int = 0, max_tokens: int = 0, seed: int = 0, min_examples: int = 0,
                         stratify_field: str = "", key: str = "", options: pb.SubmitOptions | None = None) -> pb.Job:
         spec = datagen_pb2.PrepareDatasetSpec(dataset=ref(dataset), base_model=ref(base_model), name=name,

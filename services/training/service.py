@@ -139,11 +139,28 @@ class TrainingService:
             fit = planner.Fit(False, f"asks for {spec.num_workers} workers with a GPU each; the largest node has "
                               f"{len(gpus)} GPUs", ["fewer workers"], 0)
         per_worker_gpu = 1.0 if use_gpu else 0.0
+        if fit.feasible and spec.num_workers > 1:
+            fit = self._cpu_fit(spec.num_workers) or fit
         if spec.num_workers > 1:  # the driver only coordinates; Ray Train's workers hold the resources
             resources = Resources(cpus=0.5)
         else:
             resources = Resources(cpus=self.settings.cpus_per_worker, gpus=per_worker_gpu)
         return Plan(est, fit, resources, spec, notes)
+
+    DRIVER_CPUS = 0.5  # a multi-worker job's driver; its workers are placed on the driver's node
+
+    def _cpu_fit(self, num_workers: int) -> planner.Fit | None:
+        """Ray Train waits forever for workers it cannot place: refuse a job whose driver and workers do not fit
+        the CPUs of the largest node (they are placed together). None when it fits or the cluster is unknown."""
+        largest = max((float(n.get("CPU", 0.0)) for n in self.runner.nodes()), default=0.0)
+        need = self.DRIVER_CPUS + num_workers * self.settings.cpus_per_worker
+        if not largest or need <= largest + 1e-9:
+            return None
+        most = int((largest - self.DRIVER_CPUS) // self.settings.cpus_per_worker)
+        return planner.Fit(False, f"asks for {num_workers} workers × {self.settings.cpus_per_worker:g} CPU + "
+                           f"{self.DRIVER_CPUS:g} for the driver on one node ({need:g} CPUs); the largest node has "
+                           f"{largest:g} CPUs", [f"at most {most} workers", "a larger node",
+                                                 "TUNERY_TRAINING_CPUS_PER_WORKER"], 0)
 
     async def plan(self, spec: TrainingJobSpec) -> Plan:
         return await asyncio.to_thread(self._plan, spec)

@@ -227,3 +227,24 @@ def test_proto_conversion_keeps_explicit_zero_rank_and_refuses_unknown_enums():
         spec_from_pb(s)
     empty = spec_from_pb(training_pb2.TrainingSpec())  # every field defaulted; the service says what is required
     assert empty == TrainingJobSpec() and not empty.base_model.uri
+
+
+def test_cpu_workers_that_cannot_be_placed_are_refused_with_the_reason(env):
+    """The outside finding: `--set num_workers=2` on the 2-CPU embedded stack hung at RUNNING (the driver's 0.5 CPU
+    plus 2 workers x 1 CPU on one node), until killed after 290 s."""
+    svc, runner, _, model, data = env
+    runner.cluster = [{"CPU": 2.0, "memory": 8 * 2**30}]
+    p = plan(svc, req(model(), data, num_workers=2))
+    assert not p.fit.feasible
+    assert p.fit.reason == ("asks for 2 workers × 1 CPU + 0.5 for the driver on one node (2.5 CPUs); the largest "
+                            "node has 2 CPUs")
+    assert "at most 1 workers" in p.fit.suggestions
+    with pytest.raises(FailedPrecondition, match="the largest node has 2 CPUs"):
+        submit(svc, req(model(), data, num_workers=2))
+    assert not runner.submitted
+    # the same job fits a node with room for it, and with half-CPU workers on this one
+    runner.cluster = [{"CPU": 2.0}, {"CPU": 4.0}]
+    assert plan(svc, req(model(), data, num_workers=2)).fit.feasible
+    runner.cluster = [{"CPU": 2.0}]
+    svc.settings = svc.settings.model_copy(update={"cpus_per_worker": 0.5})
+    assert plan(svc, req(model(), data, num_workers=2)).fit.feasible

@@ -35,6 +35,14 @@ def write_jsonl(path: Path, rows: list, raw: bool = False) -> Path:
     return path
 
 
+NOUNS = ["apple", "river", "candle", "violin", "glacier", "pepper", "lantern", "falcon", "meadow", "copper",
+         "harbor", "thistle", "saddle", "ember", "quartz", "willow", "beacon", "canyon", "orchid", "tundra",
+         "anchor", "bramble", "cobalt", "dune", "ferry", "garnet", "hollow", "iris", "juniper", "kettle", "lagoon",
+         "marble", "nectar", "oyster", "pebble", "quill", "raven", "sorrel", "timber", "umber"]
+
+
 def alpaca(i: int, text: str = "") -> dict:
-    return {"instruction": f"Question number {i}: {text or 'what is next'}?", "input": "",
-            "output": f"Answer {i} is {i * 7 % 13} {text}".strip()}
+    """A distinct example per i: its words differ enough that no two are near duplicates (character 5-grams)."""
+    a, b, c = (NOUNS[(i * k + o) % len(NOUNS)] for k, o in ((1, 0), (3, 7), (7, 13)))
+    return {"instruction": f"Question number {i}: how is a {a} like a {b}? {text or 'Explain briefly'}.",
+            "input": "", "output": f"Answer {i}: both share {i * 7 % 13} {c} traits {text}".strip()}

@@ -98,9 +98,41 @@ def test_tool_calls_and_preference_count_in_the_text():
     assert one != two
 
 
-@pytest.mark.parametrize("text,expected", [("", []), ("a, b!", [b"a b"]), ("a b c d", [b"a b c", b"b c d"])])
+@pytest.mark.parametrize("text,expected", [("", []), ("a, b!", [b"a b"]), ("a,  b c!", [b"a b c"]),
+                                           ("abcdefab", [b"abcde", b"bcdef", b"cdefa", b"defab"]),
+                                           ("abcdeabcde", [b"abcde", b"bcdea", b"cdeab", b"deabc", b"eabcd"])])
 def test_shingles(text, expected):
-    assert shingles(text) == expected
+    assert shingles(text) == expected  # character 5-grams of the words joined by one space, each once
+
+
+REPHRASED = [  # (prompt, its rephrasing): the same request with a reworded ending, the same answer
+    ("Explain the role of chlorophyll in photosynthesis in plant leaves.",
+     "Explain the role of chlorophyll in photosynthesis in the leaves of plants."),
+    ("Why is chlorophyll green in plant leaves?", "Why is chlorophyll green in the leaves of plants?"),
+    ("What is the capital of France?", "What's the capital city of France?"),
+    ("List three uses of copper in modern homes.", "List three uses of copper in homes today."),
+]
+ANSWER = ("Chlorophyll absorbs light energy, mostly red and blue light, and passes it on to the reactions that "
+          "make sugar.")
+
+
+@pytest.mark.parametrize("a, b", REPHRASED)
+def test_rephrased_short_prompts_are_near_duplicates(a, b):
+    d = Deduplicator(threshold=0.8)
+    first = normalised_text([{"role": "user", "content": a}, {"role": "assistant", "content": ANSWER}])
+    second = normalised_text([{"role": "user", "content": b}, {"role": "assistant", "content": ANSWER}])
+    assert d.add(1, "a", first) is None
+    dup = d.add(2, "b", second)
+    assert dup is not None and dup.kind == "near" and dup.of_line == 1 and dup.similarity >= 0.8
+
+
+def test_different_questions_with_different_answers_are_not():
+    d = Deduplicator(threshold=0.8)
+    for i, (country, city) in enumerate([("France", "Paris"), ("Spain", "Madrid"), ("Japan", "Tokyo"),
+                                         ("Kenya", "Nairobi"), ("Chile", "Santiago")]):
+        text = normalised_text([{"role": "user", "content": f"What is the capital of {country}?"},
+                                {"role": "assistant", "content": f"The capital of {country} is {city}."}])
+        assert d.add(i, str(i), text) is None, country
 
 
 def test_a_shared_system_prompt_does_not_make_examples_alike(tmp_path, tok):
@@ -114,3 +146,13 @@ def test_a_shared_system_prompt_does_not_make_examples_alike(tmp_path, tok):
     rows.append({"messages": [{"role": "system", "content": "Be brief."}, *rows[7]["messages"][1:]]})
     r = prepare(write_jsonl(tmp_path / "s.jsonl", rows), tmp_path / "o", PrepareOptions(), tok)
     assert r.num_near_duplicates == 1 and r.warnings[0].message.startswith("a near duplicate of line 8")
+
+
+def test_pairs_just_below_the_threshold_are_listed_for_review_and_kept():
+    d = Deduplicator(threshold=0.95)
+    a, b = REPHRASED[0]
+    first = normalised_text([{"role": "user", "content": a}, {"role": "assistant", "content": ANSWER}])
+    second = normalised_text([{"role": "user", "content": b}, {"role": "assistant", "content": ANSWER}])
+    assert d.add(1, "a", first) is None and d.add(2, "b", second) is None  # ~0.88: kept at 0.95
+    assert d.num_review == 1 and d.review[0]["line"] == 2 and d.review[0]["of_line"] == 1
+    assert d.review_from <= d.review[0]["similarity"] < 0.95

@@ -174,3 +174,24 @@ def test_preference_and_tools(tmp_path, tok):
     assert r.ok and report["stats"]["tool_calls"] == {"get_weather": 1}
     assert report["stats"]["tools_declared"] == {"get_weather": 1}
     assert report["stats"]["roles"] == {"assistant": 4, "system": 1, "tool": 1, "user": 3}
+
+
+def test_empty_replies_are_dropped_by_default_and_kept_on_request(tmp_path, tok):
+    rows = [{"messages": [{"role": "user", "content": f"Tell story {i} about a {w}"},
+                          {"role": "assistant", "content": f"Once, a {w} number {i} went {i * 3 % 7} miles."}]}
+            for i, w in enumerate(["cat", "dog", "owl", "fox", "bee"] * 4)]
+    for i in (3, 9):
+        rows[i] = {"messages": [{"role": "user", "content": f"Say something about {i}"},
+                                {"role": "assistant", "content": "   "}]}
+    src = write_jsonl(tmp_path / "train.jsonl", rows)
+    r = prepare(src, tmp_path / "a", PrepareOptions(holdout_fraction=0.0), tok)
+    assert r.ok and r.num_train == 18
+    kept = lines(tmp_path / "a" / "train.jsonl")
+    assert all(e["messages"][-1]["content"].strip() for e in kept)
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert [(p["line"], p["message"]) for p in report["problems"]] == [
+        (4, "the assistant reply is empty; dropped (keep_empty_replies to keep it)"),
+        (10, "the assistant reply is empty; dropped (keep_empty_replies to keep it)")]
+    assert report["counts"]["dropped"] == 2
+    keep = prepare(src, tmp_path / "b", PrepareOptions(holdout_fraction=0.0, keep_empty_replies=True), tok)
+    assert keep.ok and keep.num_train == 20
