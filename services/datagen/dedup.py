@@ -1,7 +1,7 @@
 """Exact and near-duplicate detection over canonical examples, streaming: the first occurrence is kept.
 
 Exact: sha256 of the normalised text (lowercased, whitespace collapsed, `role: content` of every turn plus the tool
-calls). Near: datasketch MinHash (64 permutations) of the character 5-grams of the normalised text (its words
+calls). Near: datasketch MinHash (128 permutations) of the character 5-grams of the normalised text (its words
 joined by one space) without system turns. Character n-grams, not word shingles: on short prompts a rephrased
 ending ("in plant leaves" / "in the leaves of plants") leaves few word 3-shingles in common (Jaccard 0.69-0.71 on
 such pairs with their answer) but most character 5-grams (0.85-0.88), so the default threshold finds them; two

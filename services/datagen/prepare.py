@@ -109,13 +109,14 @@ class _Run:
         ex = formats.to_example(n, self.fmt, self.file, line, label, text)
         self.n_parsed += 1
         problems = check_example(ex, n.paths, n.names)
-        if not self.spec.keep_empty_replies:
+        drop_empty = not self.spec.keep_empty_replies and any(p.message == EMPTY_REPLY for p in problems)
+        if drop_empty:
             problems = [p.model_copy(update={"message": p.message + "; dropped (keep_empty_replies to keep it)"})
                         if p.message == EMPTY_REPLY else p for p in problems]
         self.log.extend(problems)
         if any(p.severity == "error" for p in problems):
             return None
-        if not self.spec.keep_empty_replies and any(p.message.startswith(EMPTY_REPLY) for p in problems):
+        if drop_empty:
             self.n_dropped += 1
             return None
         return ex, text

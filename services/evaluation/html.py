@@ -3,12 +3,11 @@ The JSON twin of each page is saved next to it (report.json, comparison.json).""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from jinja2 import Environment
 
-from services.evaluation.scoring import BLOCKS
+from services.evaluation.scoring import BLOCKS, chat_messages
 
 _env = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
 
@@ -128,11 +127,8 @@ Errored tests are left out of both sides.</p>{% endif %}
 
 def conversation(prompt: Any) -> str:
     """A chat prompt (the messages as JSON) as a person reads it: one "role: content" paragraph per message."""
-    try:
-        msgs = json.loads(prompt) if isinstance(prompt, str) else prompt
-    except ValueError:
-        return str(prompt)
-    if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m for m in msgs):
+    msgs = chat_messages(prompt)
+    if msgs is None:
         return str(prompt)
     out = []
     for m in msgs:

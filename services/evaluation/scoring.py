@@ -7,9 +7,11 @@ the prompt) as the only difference.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,23 +190,37 @@ def _measured(t: dict[str, Any] | None) -> bool:
     return t is not None and not t.get("errored")
 
 
+Pair = tuple[dict[str, Any], dict[str, Any]]
+
+
+def matched(before: list[dict[str, Any]], after: list[dict[str, Any]],
+            keep: Callable[[dict[str, Any]], bool] = lambda t: True) -> list[Pair]:
+    """The tests both sides ran and measured (neither errored), as (before, after) in `after`'s order; `keep`
+    selects by the after side. Every paired figure below counts on these."""
+    first = {t["id"]: t for t in before}
+    return [(first[t["id"]], t) for t in after if keep(t) and _measured(t) and _measured(first.get(t["id"]))]
+
+
+def gained_lost(pairs: list[Pair]) -> tuple[list[Pair], list[Pair]]:
+    """The discordant pairs: (fail -> pass, pass -> fail)."""
+    return ([(b, c) for b, c in pairs if c["passed"] and not b["passed"]],
+            [(b, c) for b, c in pairs if b["passed"] and not c["passed"]])
+
+
 def paired_blocks(baseline: dict[str, Any], candidate: dict[str, Any]) -> list[dict[str, Any]]:
     """Per block, the tests both reports ran and measured (neither side errored): gained, lost, the paired
     difference with its interval and McNemar's p, and forgetting (lost / pairs, in points)."""
-    base = {t["id"]: t for t in baseline["tests"]}
     out = []
     for block in BLOCKS:
-        pairs = [(base[t["id"]], t) for t in candidate["tests"]
-                 if t["block"] == block and _measured(t) and _measured(base.get(t["id"]))]
+        pairs = matched(baseline["tests"], candidate["tests"], lambda t, blk=block: t["block"] == blk)
         if not pairs:
             continue
-        gained = [c["id"] for b, c in pairs if c["passed"] and not b["passed"]]
-        lost = [c for b, c in pairs if b["passed"] and not c["passed"]]
+        gained, lost = gained_lost(pairs)
         d, low, high, p = paired_difference(len(gained), len(lost), len(pairs))
         out.append({"block": block, "pairs": len(pairs), "gained": len(gained), "lost": len(lost),
                     "difference": d, "ci_low": low, "ci_high": high, "mcnemar_p": p,
-                    "forgetting_points": 100.0 * len(lost) / len(pairs), "lost_tests": [c["id"] for c in lost],
-                    "lost_examples": [_example(base[c["id"]], c) for c in lost[:3]]})
+                    "forgetting_points": 100.0 * len(lost) / len(pairs), "lost_tests": [c["id"] for _, c in lost],
+                    "lost_examples": [_example(b, c) for b, c in lost[:3]]})
     return out
 
 
@@ -215,34 +231,32 @@ def _short(text: Any, n: int = 40) -> str:
 
 def _example(b: dict[str, Any], c: dict[str, Any]) -> str:
     """A lost test as a person reads it: what was asked, what was expected, what came back."""
-    asked = _short(_last_user(b.get("prompt", "")), 50)
+    msgs = chat_messages(b.get("prompt", ""))
+    users = [str(m.get("content") or "") for m in msgs or [] if m["role"] == "user"]
+    asked = _short(users[-1] if users else b.get("prompt", ""), 50)
     want = f" (expected {_short(b['expected'], 20)})" if b.get("expected") else ""
     return f"“{asked}”{want} → “{_short(c.get('output'), 40)}”"
 
 
-def _last_user(prompt: str) -> str:
-    import json
-
+def chat_messages(prompt: Any) -> list[dict[str, Any]] | None:
+    """A test's prompt as chat messages (promptfoo records them as JSON), or None when it is plain text."""
     try:
-        msgs = json.loads(prompt)
-    except (TypeError, ValueError):
-        return prompt
-    if isinstance(msgs, list):
-        users = [m.get("content", "") for m in msgs if isinstance(m, dict) and m.get("role") == "user"]
-        if users:
-            return str(users[-1])
-    return prompt
+        msgs = json.loads(prompt) if isinstance(prompt, str) else prompt
+    except ValueError:
+        return None
+    if isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m for m in msgs):
+        return msgs
+    return None
 
 
 def _task_pairs(baseline: dict[str, Any], candidate: dict[str, Any], task: str) -> tuple[int, int, int] | None:
     """An lm-eval task's documents as pairs (gained, lost, pairs), where both reports hold them as tests."""
     pre = f"lm-eval/{task}/"
-    base = {t["id"]: t for t in baseline.get("tests") or [] if t["id"].startswith(pre)}
-    rows = [(base[t["id"]], t) for t in candidate.get("tests") or [] if t["id"].startswith(pre) and t["id"] in base]
-    if not rows:
+    pairs = matched(baseline.get("tests") or [], candidate.get("tests") or [], lambda t: t["id"].startswith(pre))
+    if not pairs:
         return None
-    return (sum(1 for b, c in rows if c["passed"] and not b["passed"]),
-            sum(1 for b, c in rows if b["passed"] and not c["passed"]), len(rows))
+    gained, lost = gained_lost(pairs)
+    return len(gained), len(lost), len(pairs)
 
 
 def lm_eval_deltas(baseline: dict[str, Any], candidate: dict[str, Any], z: float = 1.96) -> list[dict[str, Any]]:
@@ -296,13 +310,13 @@ def _vs_prompting(candidate: dict[str, Any], prompting: dict[str, Any]) -> tuple
     c_blocks, p_blocks = candidate["blocks"], prompting["blocks"]
     if "target" not in p_blocks or "target" not in c_blocks:
         return None, {}, ""
-    pt = {t["id"]: t for t in prompting["tests"] if t["block"] == "target"}
-    ct = {t["id"]: t for t in candidate["tests"] if t["block"] == "target"}
-    if set(pt) == set(ct):
-        pairs = [(pt[i], ct[i]) for i in ct if _measured(pt[i]) and _measured(ct[i])]
-        gained = sum(1 for p, c in pairs if c["passed"] and not p["passed"])
-        lost = sum(1 for p, c in pairs if p["passed"] and not c["passed"])
-        d, low, high, pv = paired_difference(gained, lost, len(pairs))
+    def is_target(t: dict[str, Any]) -> bool:
+        return t["block"] == "target"
+
+    if {t["id"] for t in prompting["tests"] if is_target(t)} == {t["id"] for t in candidate["tests"] if is_target(t)}:
+        pairs = matched(prompting["tests"], candidate["tests"], is_target)
+        gained, lost = gained_lost(pairs)
+        d, low, high, pv = paired_difference(len(gained), len(lost), len(pairs))
         how = f"paired, McNemar p={pv:.2g}"
     else:
         c, p = c_blocks["target"], p_blocks["target"]
