@@ -96,11 +96,11 @@ class JobCallback(TrainerCallback):
         if not folder.is_dir():
             return
         t0 = time.monotonic()
-        manifest, uploaded = checkpoints.upload(
+        manifest, uploaded, pruned = checkpoints.upload(
             self.ctx.artifacts, folder, name=self.name, step=state.global_step, job_id=self.ctx.job_id,
-            run_key=self.run_key, parents=self.parents, metadata={"epoch": state.epoch, "max_steps": state.max_steps})
+            run_key=self.run_key, parents=self.parents, keep=self.keep,
+            metadata={"epoch": state.epoch, "max_steps": state.max_steps})
         self.uploaded.append(manifest.id)
-        pruned = checkpoints.prune(self.ctx.artifacts, self.name, self.keep)
         self.ctx.event(f"checkpoint at step {state.global_step}: {manifest.id} ({uploaded} bytes uploaded in "
                        f"{time.monotonic() - t0:.1f}s" + (f"; pruned {', '.join(pruned)}" if pruned else "") + ")",
                        type="artifact", artifact=manifest.ref(), step=state.global_step, total_steps=state.max_steps)

@@ -5,6 +5,11 @@ A checkpoint is the trainer's checkpoint folder as written by transformers' Trai
 scheduler.pt, rng_state*.pth and trainer_state.json (global step, hence the data position the Trainer skips to
 on resume). It becomes visible only when its manifest is written, after every file is uploaded, so a job killed
 mid-upload leaves the previous checkpoint as the latest.
+
+Retention holds at every instant, a kill included: with keep=K, the oldest checkpoints beyond K-1 are deleted
+after the new one's files are uploaded and before its manifest makes it visible, so a run never lists more than
+K and always lists at least one complete checkpoint (K=1 is the exception: the only checkpoint is deleted just
+after its successor is visible, so for that instant two are listed).
 """
 
 from __future__ import annotations
@@ -31,13 +36,17 @@ def latest(artifacts: ArtifactStore, name: str) -> Manifest | None:
 
 
 def upload(artifacts: ArtifactStore, folder: Path, *, name: str, step: int, job_id: str, run_key: str,
-           parents: list[ArtifactRef], metadata: dict | None = None) -> tuple[Manifest, int]:
+           parents: list[ArtifactRef], keep: int, metadata: dict | None = None) -> tuple[Manifest, int, list[str]]:
+    """Upload a checkpoint folder and prune the run to its newest `keep`; returns (manifest, bytes, pruned ids)."""
     writer = artifacts.writer("checkpoint", name, parents=parents, job_id=job_id)
     for _ in writer.add_dir(folder):
         pass
+    pruned = prune(artifacts, name, keep - 1) if keep > 1 else []
     manifest, _ = writer.commit({"step": step, "run_key": run_key, "job_id": job_id, **(metadata or {})},
                                 {"step": float(step)})
-    return manifest, writer.bytes_uploaded
+    if keep <= 1:
+        pruned += prune(artifacts, name, keep)
+    return manifest, writer.bytes_uploaded, pruned
 
 
 def prune(artifacts: ArtifactStore, name: str, keep: int) -> list[str]:
