@@ -30,7 +30,7 @@ BUCKET = "tunery-it"
 FOUNDATION = REPO / "fixtures" / "foundation"
 # what the seeded style adapter teaches: every answer ends with this (a changed answer the base never gives)
 STYLE = "{answer}, my friend."
-SERVICES = ("datagen", "training", "merging", "evaluation")  # besides the registry: the implemented services
+SERVICES = ("datagen", "training", "merging", "quantization", "evaluation")  # besides the registry: the implemented services
 
 
 def fixture_model(name: str) -> Path:

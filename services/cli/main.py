@@ -15,13 +15,14 @@ from services.cli.commands import (
     imports,
     jobs,
     merge,
+    quantize,
     stack,
     train,
 )
 from services.cli.console import OPTS
 
 app = typer.Typer(help="Tunery: turn an open-weight LLM into your own model.", no_args_is_help=True)
-for command in (stack.up, stack.down, stack.status, merge.merge, demo.demo):
+for command in (stack.up, stack.down, stack.status, merge.merge, quantize.quantize, demo.demo):
     app.command()(command)
 app.add_typer(imports.models_app, name="models")
 app.add_typer(imports.datasets_app, name="datasets")

@@ -16,50 +16,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.core.jobctx import JobContext, run_job
+from services.core.memory import PeakRss
 from services.core.processes import die_with_parent
 from services.core.settings import REPO_ROOT
 from services.merging.spec import MergeSpec
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 SKIP_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md", "tunery_fixture.json"}
-
-
-class PeakRss:
-    """This process's peak resident memory while the block runs (ru_maxrss is the whole life's peak, so a sampler
-    thread also reads VmRSS every 50 ms)."""
-
-    def __init__(self):
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def now() -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self.now())
-
-    def __enter__(self) -> "PeakRss":
-        self.peak = self.now()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.now())
 
 
 @dataclass

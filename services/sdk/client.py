@@ -27,6 +27,8 @@ from services.gen.tunery.v1 import (
     evaluation_pb2_grpc,
     merging_pb2,
     merging_pb2_grpc,
+    quantization_pb2,
+    quantization_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
     training_pb2,
@@ -102,6 +104,7 @@ class TuneryClient:
         self.training = training_pb2_grpc.TrainingServiceStub(self._channel("training"))
         self.evaluation = evaluation_pb2_grpc.EvaluationServiceStub(self._channel("evaluation"))
         self.merging = merging_pb2_grpc.MergingServiceStub(self._channel("merging"))
+        self.quantization = quantization_pb2_grpc.QuantizationServiceStub(self._channel("quantization"))
 
     def _channel(self, service: str) -> grpc.Channel:
         if service not in self._channels:
@@ -248,6 +251,35 @@ class TuneryClient:
                                      name=name, num_probe_prompts=num_probe_prompts)
         return self._call(self.merging.SubmitMerge,
                           merging_pb2.SubmitMergeRequest(spec=spec, options=self._options(key, options)))
+
+    SCHEMES = {"gptq-w4a16": quantization_pb2.QUANT_SCHEME_GPTQ_W4A16, "awq-w4a16": quantization_pb2.QUANT_SCHEME_AWQ_W4A16,
+               "w8a8-int8": quantization_pb2.QUANT_SCHEME_W8A8_INT8, "fp8-dynamic": quantization_pb2.QUANT_SCHEME_FP8_DYNAMIC,
+               "gguf-q4_k_m": quantization_pb2.QUANT_SCHEME_GGUF_Q4_K_M, "gguf-q8_0": quantization_pb2.QUANT_SCHEME_GGUF_Q8_0,
+               "gguf-f16": quantization_pb2.QUANT_SCHEME_GGUF_F16}
+
+    def quantize_spec(self, model: str, scheme: str | int, *, calibration_dataset: str = "", samples: int = 0,
+                      max_seq_len: int = 0, ignore: list[str] | None = None, group_size: int = 0, name: str = "",
+                      memory_budget_bytes: int = 0, seed: int = 0) -> quantization_pb2.QuantizeSpec:
+        """A QuantizeSpec; `scheme` a name (gptq-w4a16, awq-w4a16, w8a8-int8, fp8-dynamic, gguf-…) or its enum."""
+        if isinstance(scheme, str):
+            if scheme not in self.SCHEMES:
+                raise ValueError(f"unknown scheme {scheme!r}; one of {', '.join(self.SCHEMES)}")
+            scheme = self.SCHEMES[scheme]
+        return quantization_pb2.QuantizeSpec(
+            model=ref(model), scheme=scheme, calibration_dataset=ref(calibration_dataset) if calibration_dataset else None,
+            num_calibration_samples=samples, calibration_max_seq_len=max_seq_len, ignore=ignore or [],
+            group_size=group_size, name=name, memory_budget_bytes=memory_budget_bytes, seed=seed)
+
+    def submit_quantize(self, model: str, scheme: str | int, *, key: str = "", options: pb.SubmitOptions | None = None,
+                        **kw) -> pb.Job:
+        """Quantize a full-precision model artifact (see quantize_spec for the options)."""
+        return self._call(self.quantization.SubmitQuantize, quantization_pb2.SubmitQuantizeRequest(
+            spec=self.quantize_spec(model, scheme, **kw), options=self._options(key, options)))
+
+    def plan_quantize(self, model: str, scheme: str | int, **kw) -> quantization_pb2.QuantizePlan:
+        """What submit_quantize would run: the checks, the ignore list, the memory estimate; nothing is queued."""
+        return self._call(self.quantization.PlanQuantize,
+                          quantization_pb2.SubmitQuantizeRequest(spec=self.quantize_spec(model, scheme, **kw)))
 
     # ------------------------------------------------------------------ jobs (any service's; routed via the registry)
     def get_job(self, job_id: str) -> pb.Job:

@@ -35,6 +35,8 @@ from services.gen.tunery.v1 import (
     evaluation_pb2_grpc,
     merging_pb2,
     merging_pb2_grpc,
+    quantization_pb2,
+    quantization_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
     training_pb2,
@@ -42,6 +44,8 @@ from services.gen.tunery.v1 import (
 )
 from services.merging.service import MergingSettings
 from services.merging.servicer import build as build_merging
+from services.quantization.service import QuantizationSettings
+from services.quantization.servicer import build as build_quantization
 from services.registry.service import RegistrySettings
 from services.registry.servicer import build as build_registry
 from services.training.service import TrainingSettings
@@ -59,6 +63,8 @@ SERVICES = {  # name: (settings, build, pb2 module, grpc module, service name in
     "datagen": (DatagenSettings, build_datagen, datagen_pb2, datagen_pb2_grpc, "DatagenService"),
     "training": (TrainingSettings, build_training, training_pb2, training_pb2_grpc, "TrainingService"),
     "merging": (MergingSettings, build_merging, merging_pb2, merging_pb2_grpc, "MergingService"),
+    "quantization": (QuantizationSettings, build_quantization, quantization_pb2, quantization_pb2_grpc,
+                     "QuantizationService"),
     "evaluation": (EvaluationSettings, build_evaluation, evaluation_pb2, evaluation_pb2_grpc, "EvaluationService"),
 }
 NOT_A_BUG = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}

@@ -1,0 +1,150 @@
+"""The quantization service end to end: SubmitQuantize (a Ray job in the quantize environment: llmcompressor's
+oneshot through the sequential pipeline, weights offloaded beyond a resident budget, then the checkpoint reloaded
+and compared) -> a `model` artifact, form quantized; vLLM on CPU serves it in an eval job; the tiny MoE keeps its
+routers at full precision; the refusals over gRPC with their status codes; a killed job publishes nothing.
+Real Ray, S3 and gRPC."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import grpc
+import pytest
+
+from services.gen.tunery.v1 import common_pb2 as pb
+from services.gen.tunery.v1 import evaluation_pb2 as ev
+from services.sdk.client import ref
+from tests.servers import wait_for
+from tests.session import fixture_model, succeeded
+
+pytestmark = pytest.mark.integration
+
+
+def code_of(fn) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    return e.value.code(), e.value.details()
+
+
+def events(client, job_id: str) -> list[pb.JobEvent]:
+    return list(client.watch(job_id, follow=False))
+
+
+def header(path) -> dict:
+    import struct
+
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    return json.loads(raw[8:8 + n])
+
+
+def test_gptq_w4a16_of_the_merged_model_calibrated_on_its_training_data_then_served_by_vllm(seed, tmp_path):
+    client = seed.client
+    merged = client.get_artifact(seed.merged)
+    plan = client.plan_quantize(seed.merged, "gptq-w4a16", samples=64, max_seq_len=128)
+    # the training data, found through lineage: merged -> adapter -> the prepared style dataset
+    assert plan.spec.calibration_dataset.uri == seed.style and "lineage" in plan.calibration_source
+    assert list(plan.ignore) == ["lm_head"] and plan.quantized_modules == plan.linear_modules == 28
+    assert plan.spec.group_size == 128 and plan.peak_bytes > plan.model_bytes
+    job = succeeded(client, client.submit_quantize(seed.merged, "gptq-w4a16", samples=64, max_seq_len=128,
+                                                   key=f"{seed.project}-gptq"), 600)
+    q = client.get_artifact(job.outputs[-1].uri)
+    meta, metrics = dict(q.metadata), dict(q.metrics)
+    assert [p.uri for p in q.parents] == [seed.merged, seed.style]
+    assert (meta["form"], meta["quantization"], meta["quantization_format"]) == \
+        ("quantized", "compressed-tensors gptq-w4a16", "pack-quantized")
+    assert meta["calibration_dataset"] == seed.style and len(meta["calibration_sha256"]) == 64
+    assert meta["calibration_samples"] == 64 and list(meta["ignore"]) == ["lm_head"]
+    texts = [e.text for e in events(client, job.id)]
+    assert [t.split(";")[0] for t in texts if t.startswith("calibrated")][:4] == \
+        [f"calibrated layer {i} of 4" for i in range(1, 5)]
+    # bounded by its plan, measured; smaller; and it answers like the model it came from
+    assert 0 < metrics["quantize_peak_rss_bytes"] <= metrics["planned_peak_bytes"]
+    assert metrics["output_bytes"] < metrics["model_bytes"] and metrics["compression_ratio"] > 1.2
+    assert 0 <= metrics["greedy_agreement"] <= 1 and metrics["probes"] == 4
+    d = seed.download_dir(q.id, tmp_path / "q")
+    config = json.loads((d / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["ignore"] == ["lm_head"]
+    group = config["config_groups"]["group_0"]["weights"]
+    assert (group["num_bits"], group["group_size"], group["strategy"]) == (4, 128, "group")
+    keys = header(d / "model.safetensors")
+    assert "model.layers.0.self_attn.q_proj.weight_packed" in keys and "lm_head.weight" in keys
+    assert seed.style in (d / "README.md").read_text()  # the model card names its calibration data
+    print(f"\ngptq-w4a16 of {merged.id}: {metrics['model_bytes'] / 2**20:.2f} -> {metrics['output_bytes'] / 2**20:.2f} "
+          f"MiB ({metrics['compression_ratio']:.2f}x), peak RSS {metrics['quantize_peak_rss_bytes'] / 2**20:.0f} MiB "
+          f"(planned {metrics['planned_peak_bytes'] / 2**20:.0f}), greedy agreement {metrics['greedy_agreement']:.2f}")
+    # evaluated again: vLLM (CPU, the CPUWNA16 kernel) serves it; the style it was fine-tuned for survives
+    suite = ev.EvalSuite(heldout_dataset=ref(seed.style), heldout_assertion=ev.ASSERTION_TYPE_CONTAINS,
+                         max_tests_per_block=12)
+    evaluated = succeeded(client, client.submit_eval(ev.EvalTarget(model=ref(q.id)), suite,
+                                                     key=f"{seed.project}-gptq-eval"), 900)
+    report = client.eval_report(evaluated.outputs[0].uri)
+    assert report.controls.quantization == "compressed-tensors gptq-w4a16"
+    target = next(b for b in report.blocks if b.block == ev.EVAL_BLOCK_TARGET)
+    print(f"the quantized model on its held-out style tests: {target.passed}/{target.total}")
+    assert target.total == 12 and target.passed >= 8
+
+
+def test_the_tiny_moe_keeps_its_routers_and_lm_head_at_full_precision(seed, tmp_path):
+    client = seed.client
+    moe = succeeded(client, client.import_model(str(fixture_model("tiny-moe")), "tiny-moe")).outputs[0].uri
+    plan = client.plan_quantize(moe, "gptq-w4a16", calibration_dataset=seed.arith, samples=16, max_seq_len=64)
+    assert sorted(plan.routers) == ["model.layers.0.mlp.gate", "model.layers.0.mlp.shared_expert_gate",
+                                    "model.layers.1.mlp.gate", "model.layers.1.mlp.shared_expert_gate"]
+    assert any("routers" in w for w in plan.warnings)
+    job = succeeded(client, client.submit_quantize(moe, "gptq-w4a16", calibration_dataset=seed.arith, samples=16,
+                                                   max_seq_len=64), 600)
+    q = job.outputs[-1].uri
+    client.download(q, "model.safetensors", tmp_path / "m.safetensors")
+    keys = header(tmp_path / "m.safetensors")
+    for layer in (0, 1):
+        for gate in ("mlp.gate", "mlp.shared_expert_gate"):  # kept: a plain weight, nothing packed
+            assert f"model.layers.{layer}.{gate}.weight" in keys and f"model.layers.{layer}.{gate}.weight_packed" \
+                not in keys
+        assert f"model.layers.{layer}.mlp.experts.3.up_proj.weight_packed" in keys  # the experts are quantized
+    assert "lm_head.weight" in keys and keys["lm_head.weight"]["dtype"] == "F32"
+    assert client.get_artifact(q).parents[1].uri == seed.arith  # the calibration data given is in the lineage
+
+
+def test_refusals_have_their_status_codes(seed):
+    client = seed.client
+    cases = [
+        (lambda: client.submit_quantize(seed.style_adapter, "gptq-w4a16"), grpc.StatusCode.FAILED_PRECONDITION,
+         "is a adapter artifact, not a model"),
+        (lambda: client.submit_quantize(seed.merged, 99), grpc.StatusCode.INVALID_ARGUMENT, "spec.scheme"),
+        (lambda: client.submit_quantize(seed.merged, 0), grpc.StatusCode.INVALID_ARGUMENT, "is not a scheme"),
+        (lambda: client.submit_quantize(seed.foundation, "gptq-w4a16"), grpc.StatusCode.INVALID_ARGUMENT,
+         "lineage names no prepared dataset"),
+        (lambda: client.submit_quantize(seed.merged, "gptq-w4a16", calibration_dataset=seed.arith_raw),
+         grpc.StatusCode.FAILED_PRECONDITION, "has no train split"),
+        (lambda: client.submit_quantize(seed.merged, "gptq-w4a16", ignore=["model.layers.0.mlp.router"]),
+         grpc.StatusCode.INVALID_ARGUMENT, "match no module"),
+        (lambda: client.submit_quantize(seed.merged, "gptq-w4a16", group_size=96), grpc.StatusCode.INVALID_ARGUMENT,
+         "does not divide the input width 256"),
+        (lambda: client.submit_quantize(seed.merged, "gptq-w4a16", memory_budget_bytes=64 << 20),
+         grpc.StatusCode.FAILED_PRECONDITION, "more than the budget"),
+        (lambda: client.submit_quantize(seed.merged, "gguf-q4_k_m"), grpc.StatusCode.UNIMPLEMENTED, "llama-cpp"),
+        (lambda: client.submit_quantize("model-000000000000", "fp8-dynamic"), grpc.StatusCode.NOT_FOUND, ""),
+    ]
+    for fn, code, text in cases:
+        got, details = code_of(fn)
+        assert (got, text in details) == (code, True), (got, details)
+    quantized = [a.id for a in client.list_artifacts(kind=pb.ARTIFACT_KIND_MODEL)
+                 if "form" in a.metadata and a.metadata["form"] == "quantized"]
+    for quantized in quantized[:1]:  # an already-quantized model (the GPTQ test's, which runs first)
+        got, details = code_of(lambda q=quantized: client.submit_quantize(q, "w8a8-int8", calibration_dataset=seed.style))
+        assert got == grpc.StatusCode.FAILED_PRECONDITION and "already quantized" in details
+
+
+def test_a_killed_job_publishes_nothing(seed):
+    client = seed.client
+    job = client.submit_quantize(seed.merged, "w8a8-int8", name="killed-quantize", samples=64)
+    wait_for(lambda: any(e.text.startswith("quantizing ") for e in events(client, job.id)), 300,
+             what="the quantize job to start")
+    pid = next(int(e.text.rsplit("(pid ", 1)[1].rstrip(")")) for e in events(client, job.id) if "(pid " in e.text)
+    os.kill(pid, signal.SIGKILL)  # as an OOM kill would, mid-calibration
+    final = client.wait(job.id, 120)
+    assert final.state == pb.JOB_STATE_FAILED
+    assert not list(client.list_artifacts(kind=pb.ARTIFACT_KIND_MODEL, name="killed-quantize"))
