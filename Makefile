@@ -17,7 +17,7 @@ TRAIN_TESTS := tests/unit/train
 # ... and those that need vLLM: the serve venv's interpreter.
 SERVE_TESTS := tests/unit/serve
 
-.PHONY: .test-control .test-workers help foundation smollm2 lm-eval-index setup setup-promptfoo setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-prepare bench-generate up down status clean
+.PHONY: .test-control .test-workers help foundation smollm2 lm-eval-index setup setup-promptfoo setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-quantize bench-prepare bench-generate up down status clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -111,6 +111,9 @@ bench-train: setup-train fixtures ## Training throughput: the job's packed loop 
 
 bench-merge: setup-train fixtures ## Merge: the streaming merge against PEFT merge_and_unload + save_pretrained and a plain copy
 	.venvs/train/bin/python -m bench.merge
+
+bench-quantize: setup-quantize fixtures ## Quantize memory: the job's offloaded loading against llmcompressor's default, on a >=1 GB model
+	.venvs/quantize/bin/python -m bench.quantize
 
 bench-prepare: setup-control ## Prepare throughput and peak memory on 100k examples, against bare json.loads
 	$(VPY) -m bench.prepare_throughput

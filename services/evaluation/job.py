@@ -202,6 +202,14 @@ def endpoint_target(spec: EvalJobSpec, lm_eval: bool) -> Target:
                                 "remote_tokenizer": lm_eval and endpoint_tokenizer(base_url, api_key)})
 
 
+def engine_dtype(device: str, quantized: bool) -> str:
+    """The activations' dtype on the engine. CPU: a full-precision model runs in float32 on its weights as stored
+    (vLLM would pick bf16); a quantized checkpoint runs in the 16-bit dtype it was calibrated for (its config's,
+    "auto"), because its kernels have no float32 form (vLLM's CPUWNA16 W4A16 GEMM: "not implemented for 'Float'").
+    GPU: always the checkpoint's own."""
+    return "float32" if device == "cpu" and not quantized else "auto"
+
+
 def served_target(ctx: JobContext, spec: EvalJobSpec, work: Path) -> Target:
     """A model artifact (with the adapter loadable, for adapter targets) on a vLLM server of our own: the adapter
     on and off are two names on one engine."""
@@ -225,7 +233,7 @@ def served_target(ctx: JobContext, spec: EvalJobSpec, work: Path) -> Target:
         runs = [("run", model.name)]
     parser = tool_call_parser_for(template, model.metadata.get("model_type", ""))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = "float32" if device == "cpu" else "auto"  # CPU: the weights as stored (vLLM would pick bf16)
+    dtype = engine_dtype(device, bool(model.metadata.get("quantization")))
     sspec = ServerSpec(model_dir=str(model_dir), served_name=model.name, adapters=adapters, tool_call_parser=parser,
                        dtype=dtype, seed=spec.sampling.seed, device=device,
                        max_model_len=min(int(model.metadata.get("max_position_embeddings") or 2048), 4096))

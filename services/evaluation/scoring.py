@@ -181,6 +181,9 @@ class Comparison:
     lm_eval_deltas: list[dict[str, Any]] = field(default_factory=list)
     paired: list[dict[str, Any]] = field(default_factory=list)
     default_gates: bool = False
+    form_comparison: bool = False
+    form_differences: list[str] = field(default_factory=list)
+    greedy_agreement: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -327,6 +330,55 @@ def _vs_prompting(candidate: dict[str, Any], prompting: dict[str, Any]) -> tuple
     return beats, stats, (f"vs prompting baseline: {d:+.1%} (95% CI {low:+.1%} .. {high:+.1%}, {how}): "
                           + ("the adapter beats base + prompt + few-shot" if beats else
                              "not more than the noise; would a good prompt have been enough?"))
+
+
+FORM_KEYS = ("engine", "engine_version", "precision", "quantization")  # what two forms of one model may differ in
+DEFAULT_FORM_DROP_POINTS = 2.0
+
+
+def compare_forms(baseline: dict[str, Any], candidate: dict[str, Any], *,
+                  max_drop_points: float = DEFAULT_FORM_DROP_POINTS) -> Comparison:
+    """Two forms of one model on the same suite (the full-precision merge vs its quantization, or vLLM vs
+    llama.cpp): only precision, quantization and engine may differ, and the comparison states them. A form is as
+    good as the other when no block loses more than `max_drop_points` of its tests (the share the baseline form
+    passed and the candidate fails; gains are the noise of rounding, they buy nothing back); the target block must
+    be measured. Also reported: the share of tests whose outputs are identical (greedy agreement)."""
+    same = tuple(k for k in CONTROL_KEYS if k not in FORM_KEYS)
+    mismatches = control_mismatches(baseline["controls"], candidate["controls"], same)
+    if mismatches:
+        raise UncontrolledComparison(mismatches)
+    differences = control_mismatches(baseline["controls"], candidate["controls"], FORM_KEYS)
+    base_tests = {t["id"]: t for t in baseline["tests"]}
+    cand_tests = {t["id"]: t for t in candidate["tests"]}
+    common = [i for i in cand_tests if i in base_tests]
+    identical = sum(1 for i in common if base_tests[i].get("output") == cand_tests[i].get("output"))
+    flips = [{"test_id": i, "block": cand_tests[i]["block"], "now_passes": bool(cand_tests[i]["passed"]),
+              "prompt": cand_tests[i].get("prompt", ""), "baseline_output": base_tests[i].get("output", ""),
+              "candidate_output": cand_tests[i].get("output", "")}
+             for i in common if _measured(base_tests[i]) and _measured(cand_tests[i])
+             and bool(base_tests[i]["passed"]) != bool(cand_tests[i]["passed"])]
+    paired = paired_blocks(baseline, candidate)
+    agreement = identical / len(common) if common else 0.0
+    reasons = [f"form comparison, gate: at most {max_drop_points:g} points of any block's tests lost",
+               "the forms differ in " + ("; ".join(differences) if differences else "nothing recorded")]
+    ok = any(p["block"] == "target" for p in paired)
+    if not ok:
+        reasons.append("target block not measured on both forms: no verdict can pass")
+    for p in paired:
+        good = p["forgetting_points"] <= max_drop_points + 1e-9
+        ok &= good
+        lost = (": lost " + "; ".join(p["lost_examples"]) + (" …" if p["lost"] > len(p["lost_examples"]) else "")
+                if p["lost"] else "")
+        reasons.append(f"{p['block']} {p['difference']:+.1%} ({p['lost']} of {p['pairs']} lost, {p['gained']} gained; "
+                       f"{p['forgetting_points']:.1f} points lost {'≤' if good else '>'} {max_drop_points:g}){lost}")
+    reasons.append(f"greedy agreement: {identical} of {len(common)} outputs identical ({agreement:.0%})")
+    harness = lm_eval_deltas(baseline, candidate)
+    for d in harness:
+        reasons.append(f"lm-eval {d['task']} {d['metric']}: {d['baseline']:.3f} → {d['candidate']:.3f} "
+                       f"({d['delta']:+.3f}, 95% CI {d['ci_low']:+.3f} .. {d['ci_high']:+.3f})")
+    return Comparison([], False, flips, {p["block"]: p["difference"] for p in paired}, "pass" if ok else "fail",
+                      reasons, None, {}, False, identical, len(common), harness, paired, False, True, differences,
+                      agreement)
 
 
 def compare(baseline: dict[str, Any], candidate: dict[str, Any], *, gates: Gates | None = None,

@@ -51,6 +51,13 @@ class InlineSuite:
         return len(self.promptfoo_yaml.encode()) + sum(len(p) + len(b) for p, b in self.lm_eval_files.items())
 
 
+@dataclass
+class FormComparison:
+    """CompareReports between two forms of one model (services.evaluation.scoring.compare_forms)."""
+
+    max_drop_points: float = scoring.DEFAULT_FORM_DROP_POINTS
+
+
 class EvaluationService:
     SERVICE = "evaluation"
 
@@ -253,21 +260,36 @@ class EvaluationService:
         return await asyncio.to_thread(self._report, ref, "report")
 
     def _compare(self, baseline: ArtifactRef, candidate: ArtifactRef, prompting: ArtifactRef | None,
-                 gates: scoring.Gates | None, allow_uncontrolled: bool) -> tuple[scoring.Comparison, Manifest]:
+                 gates: scoring.Gates | None, allow_uncontrolled: bool, forms: FormComparison | None = None
+                 ) -> tuple[scoring.Comparison, Manifest]:
         from services.evaluation.html import comparison_html
 
         bm, b = self._report(baseline, "baseline")
         cm, c = self._report(candidate, "candidate")
         pm, p = self._report(prompting, "prompting_baseline") if prompting and prompting.uri else (None, None)
-        try:
-            result = scoring.compare(b, c, gates=gates, prompting=p, allow_uncontrolled=allow_uncontrolled)
-        except scoring.UncontrolledComparison as e:
-            raise FailedPrecondition("the reports were not produced under the same controls: "
-                                     + "; ".join(e.mismatches)
-                                     + " (compare runs of one engine, precision, sampling and suite, or set "
-                                     "allow_uncontrolled to compare anyway, stamped uncontrolled)") from None
+        if forms is not None:
+            if p is not None or gates is not None or allow_uncontrolled:
+                raise InvalidArgument("a form comparison takes max_form_drop_points only: no prompting baseline, "
+                                      "no adapter gates, no allow_uncontrolled")
+            self._one_model(bm, cm)
+            try:
+                result = scoring.compare_forms(b, c, max_drop_points=forms.max_drop_points)
+            except scoring.UncontrolledComparison as e:
+                raise FailedPrecondition("two forms may differ only in precision, quantization and engine; these "
+                                         "differ too: " + "; ".join(e.mismatches)
+                                         + " (run the same suite with the same sampling on both forms)") from None
+        else:
+            try:
+                result = scoring.compare(b, c, gates=gates, prompting=p, allow_uncontrolled=allow_uncontrolled)
+            except scoring.UncontrolledComparison as e:
+                raise FailedPrecondition("the reports were not produced under the same controls: "
+                                         + "; ".join(e.mismatches)
+                                         + " (compare runs of one engine, precision, sampling and suite, or set "
+                                         "allow_uncontrolled to compare anyway, stamped uncontrolled; two forms of "
+                                         "one model: a form comparison)") from None
         body = {"baseline": bm.uri, "candidate": cm.uri, "prompting_baseline": pm.uri if pm else "",
-                "gates": (gates or scoring.Gates()).__dict__, **result.as_dict()}
+                "gates": ({"max_form_drop_points": forms.max_drop_points} if forms else (gates or scoring.Gates()).__dict__),
+                **result.as_dict()}
         w = self.artifacts.writer("report", f"{cm.name}-vs-{bm.name}"[:90].rstrip("-."),
                                   parents=[bm.ref(), cm.ref(), *([pm.ref()] if pm else [])])
         w.add_bytes(json.dumps(body, indent=1, default=str).encode(), "comparison.json")
@@ -277,7 +299,22 @@ class EvaluationService:
                                {f"delta_{k}": v for k, v in result.block_deltas.items()})
         return result, manifest
 
+    def _one_model(self, bm: Manifest, cm: Manifest) -> None:
+        """Both reports are of one model in two forms: one's model is in the other's lineage (merged -> quantized)."""
+        def model_of(report: Manifest) -> str:
+            return self.artifacts.parse_id(report.parents[0].uri) if report.parents else ""
+
+        a, b = model_of(bm), model_of(cm)
+        if not a or not b:
+            raise FailedPrecondition("a form comparison needs two reports of model targets (an endpoint's has no model)")
+        lineage_b = {m.id for m in self.artifacts.lineage(b, max_depth=4)}
+        lineage_a = {m.id for m in self.artifacts.lineage(a, max_depth=4)}
+        if a not in lineage_b and b not in lineage_a:
+            raise FailedPrecondition(f"{a} and {b} are not two forms of one model (neither is in the other's "
+                                     "lineage); compare a model with its quantization, or use a plain comparison")
+
     async def compare(self, baseline: ArtifactRef, candidate: ArtifactRef, prompting: ArtifactRef | None = None,
-                      gates: scoring.Gates | None = None, allow_uncontrolled: bool = False):
-        return await asyncio.to_thread(self._compare, baseline, candidate, prompting, gates, allow_uncontrolled)
+                      gates: scoring.Gates | None = None, allow_uncontrolled: bool = False,
+                      forms: FormComparison | None = None):
+        return await asyncio.to_thread(self._compare, baseline, candidate, prompting, gates, allow_uncontrolled, forms)
 

@@ -10,10 +10,12 @@ from services.core.job_api import JobSurfaceServicer
 from services.core.runtime import Runtime
 from services.core.server import Registration
 from services.core.specs import parse
+from services.evaluation import scoring
 from services.evaluation.scoring import Gates
 from services.evaluation.service import (
     EvaluationService,
     EvaluationSettings,
+    FormComparison,
     InlineSuite,
 )
 from services.evaluation.spec import EvalJobSpec
@@ -155,10 +157,19 @@ class EvaluationServicer(JobSurfaceServicer, evaluation_pb2_grpc.EvaluationServi
 
     async def CompareReports(self, request: ev.CompareReportsRequest, context) -> ev.Comparison:
         gates = gates_from_pb(request.gates) if request.HasField("gates") else None
+        forms = None
+        if request.form_comparison:
+            drop = request.max_form_drop_points if request.HasField("max_form_drop_points") else \
+                scoring.DEFAULT_FORM_DROP_POINTS
+            if not 0.0 <= drop <= 100.0:  # NaN too
+                raise InvalidArgument.field("max_form_drop_points", f"must be points in [0, 100], got {drop}")
+            forms = FormComparison(drop)
+        elif request.HasField("max_form_drop_points"):
+            raise InvalidArgument.field("max_form_drop_points", "applies only with form_comparison")
         result, manifest = await self.svc.compare(
             convert.ref_from_pb(request.baseline), convert.ref_from_pb(request.candidate),
             convert.ref_from_pb(request.prompting_baseline) if request.prompting_baseline.uri else None, gates,
-            request.allow_uncontrolled)
+            request.allow_uncontrolled, forms)
         return ev.Comparison(
             control_mismatches=result.control_mismatches, uncontrolled=result.uncontrolled,
             flips=[ev.Flip(test_id=f["test_id"], block=BLOCK_TO_PB.get(f["block"], 0), now_passes=f["now_passes"],
@@ -170,7 +181,8 @@ class EvaluationServicer(JobSurfaceServicer, evaluation_pb2_grpc.EvaluationServi
             adapter_had_no_effect=result.adapter_had_no_effect, report=convert.ref_to_pb(manifest.ref()),
             lm_eval_deltas=[ev.LmEvalDelta(**d) for d in result.lm_eval_deltas],
             paired=[ev.PairedBlock(**{k: v for k, v in p.items() if k != "lost_examples"}) for p in result.paired],
-            default_gates=result.default_gates)
+            default_gates=result.default_gates, form_comparison=result.form_comparison,
+            form_differences=result.form_differences, greedy_agreement=result.greedy_agreement)
 
 
 def build(runtime: Runtime, settings: EvaluationSettings) -> Registration:

@@ -170,10 +170,10 @@ class QuantizationService:
             bad = architecture.indivisible(arch, ignore, spec.group_size)
             if bad:
                 fits = [g for g in GROUP_SIZES if not architecture.indivisible(arch, ignore, g)]
-                width, modules = next(iter(bad.items()))
+                widths = "; ".join(f"{w} ({len(ms)} layers: {ms[0]}{', …' if len(ms) > 1 else ''})"
+                                   for w, ms in sorted(bad.items()))
                 raise InvalidArgument.field(
-                    "spec.group_size", f"{spec.group_size} does not divide the input width {width} of "
-                    f"{len(modules)} layers ({modules[0]}, …); "
+                    "spec.group_size", f"{spec.group_size} does not divide the input widths {widths}; "
                     + (f"give {fits[0]}" if fits else "give a divisor of every layer width")
                     + " or add those layers to spec.ignore")
             return spec.group_size

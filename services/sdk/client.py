@@ -234,12 +234,18 @@ class TuneryClient:
         return self._call(self.evaluation.GetReport, evaluation_pb2.GetReportRequest(report=ref(report)))
 
     def compare_reports(self, baseline: str, candidate: str, *, prompting_baseline: str = "",
-                        gates: evaluation_pb2.Gates | None = None,
-                        allow_uncontrolled: bool = False) -> evaluation_pb2.Comparison:
-        return self._call(self.evaluation.CompareReports, evaluation_pb2.CompareReportsRequest(
+                        gates: evaluation_pb2.Gates | None = None, allow_uncontrolled: bool = False,
+                        form_comparison: bool = False,
+                        max_form_drop_points: float | None = None) -> evaluation_pb2.Comparison:
+        """Baseline vs candidate reports; form_comparison: two forms of one model (only precision, quantization and
+        engine may differ), gated on max_form_drop_points (default 2) of any block's tests lost."""
+        req = evaluation_pb2.CompareReportsRequest(
             baseline=ref(baseline), candidate=ref(candidate),
             prompting_baseline=ref(prompting_baseline) if prompting_baseline else None, gates=gates,
-            allow_uncontrolled=allow_uncontrolled))
+            allow_uncontrolled=allow_uncontrolled, form_comparison=form_comparison)
+        if max_form_drop_points is not None:
+            req.max_form_drop_points = max_form_drop_points
+        return self._call(self.evaluation.CompareReports, req)
 
     # ------------------------------------------------------------------ merging
     def submit_merge(self, base_model: str, adapter: str, *, output_dtype: int = 0, max_shard_bytes: int = 0,

@@ -83,8 +83,29 @@ def test_gptq_w4a16_of_the_merged_model_calibrated_on_its_training_data_then_ser
     report = client.eval_report(evaluated.outputs[0].uri)
     assert report.controls.quantization == "compressed-tensors gptq-w4a16"
     target = next(b for b in report.blocks if b.block == ev.EVAL_BLOCK_TARGET)
-    print(f"the quantized model on its held-out style tests: {target.passed}/{target.total}")
-    assert target.total == 12 and target.passed >= 8
+    # the same suite on the merged model it came from: two forms of one model, compared as such
+    before = succeeded(client, client.submit_eval(ev.EvalTarget(model=ref(seed.merged)), suite,
+                                                  key=f"{seed.project}-merged-eval"), 900)
+    merged_report = client.eval_report(before.outputs[0].uri)
+    got, details = code_of(lambda: client.compare_reports(merged_report.report.uri, report.report.uri))
+    assert got == grpc.StatusCode.FAILED_PRECONDITION and "precision" in details and "a form comparison" in details
+    cmp = client.compare_reports(merged_report.report.uri, report.report.uri, form_comparison=True,
+                                 max_form_drop_points=20)
+    merged_target = next(b for b in merged_report.blocks if b.block == ev.EVAL_BLOCK_TARGET)
+    print(f"held-out style tests: merged {merged_target.passed}/{merged_target.total}, gptq-w4a16 "
+          f"{target.passed}/{target.total}; greedy agreement {cmp.greedy_agreement:.2f}; "
+          f"{ev.Verdict.Name(cmp.verdict)} {list(cmp.verdict_reasons)}")
+    assert cmp.form_comparison and any(d.startswith("quantization: '' vs 'compressed-tensors gptq-w4a16'")
+                                       for d in cmp.form_differences)
+    assert any(d.startswith("precision:") for d in cmp.form_differences)  # float32 vs the 16-bit W4A16 kernel
+    assert 0 <= cmp.greedy_agreement <= 1 and target.total == merged_target.total == 12
+    paired = {p.block: p for p in cmp.paired}
+    assert paired["target"].lost <= merged_target.passed
+    assert (cmp.verdict == ev.VERDICT_PASS) == (paired["target"].forgetting_points <= 20)
+    assert target.passed >= 6  # the style it was fine-tuned for survives 4-bit weights
+    # not two forms of one model: refused
+    got, details = code_of(lambda: client.compare_reports(seed.foundation, report.report.uri, form_comparison=True))
+    assert got in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
 
 
 def test_the_tiny_moe_keeps_its_routers_and_lm_head_at_full_precision(seed, tmp_path):
@@ -122,7 +143,7 @@ def test_refusals_have_their_status_codes(seed):
         (lambda: client.submit_quantize(seed.merged, "gptq-w4a16", ignore=["model.layers.0.mlp.router"]),
          grpc.StatusCode.INVALID_ARGUMENT, "match no module"),
         (lambda: client.submit_quantize(seed.merged, "gptq-w4a16", group_size=96), grpc.StatusCode.INVALID_ARGUMENT,
-         "does not divide the input width 256"),
+         "does not divide the input widths 256 (24 layers"),
         (lambda: client.submit_quantize(seed.merged, "gptq-w4a16", memory_budget_bytes=64 << 20),
          grpc.StatusCode.FAILED_PRECONDITION, "more than the budget"),
         (lambda: client.submit_quantize(seed.merged, "gguf-q4_k_m"), grpc.StatusCode.UNIMPLEMENTED, "llama-cpp"),

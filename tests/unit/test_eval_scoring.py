@@ -193,3 +193,33 @@ def test_paired_difference_uses_mcnemar_and_a_binomial_interval():
     assert d0 == 0 and p0 == 1 and l0 == pytest.approx(-wilson(0, 40)[1]) and h0 == pytest.approx(wilson(0, 40)[1])
     with pytest.raises(ValueError):
         paired_difference(30, 20, 40)
+
+
+def test_a_form_comparison_allows_only_precision_quantization_and_engine_and_gates_on_tests_lost():
+    from services.evaluation.scoring import compare_forms
+
+    passes = {f"target-{i}": i < 40 for i in range(50)} | {f"general-{i}": True for i in range(50)}
+    merged = report(passes, precision="float32 (BF16 weights)")
+    same_answers = {k: f"out {k} {v}" for k, v in passes.items()}
+    # the quantized form: one target test lost, one gained; two answers worded differently but still right
+    q_pass = dict(passes) | {"target-0": False, "target-45": True}
+    q_out = same_answers | {"general-1": "reworded", "general-2": "reworded", "target-0": "wrong", "target-45": "right"}
+    quantized = report(q_pass, q_out, precision="auto (BF16 weights)", quantization="compressed-tensors gptq-w4a16")
+    c = compare_forms(merged, quantized, max_drop_points=2)
+    assert c.form_comparison and c.verdict == "pass" and not c.uncontrolled
+    assert c.form_differences == ["precision: 'float32 (BF16 weights)' vs 'auto (BF16 weights)'",
+                                  "quantization: '' vs 'compressed-tensors gptq-w4a16'"]
+    assert c.greedy_agreement == pytest.approx(96 / 100)  # target-0, target-45, general-1, general-2 differ
+    paired = {p["block"]: p for p in c.paired}
+    assert (paired["target"]["lost"], paired["target"]["gained"], paired["target"]["forgetting_points"]) == (1, 1, 2.0)
+    # a gain does not buy a loss back: two lost of 50 is 4 points, over the gate
+    worse = report(q_pass | {"target-1": False}, q_out, precision="auto", quantization="q")
+    w = compare_forms(merged, worse, max_drop_points=2)
+    assert w.verdict == "fail" and any(r.startswith("target") and "4.0 points lost > 2" in r for r in w.verdict_reasons)
+    # anything else differing is not a form comparison
+    with pytest.raises(UncontrolledComparison) as e:
+        compare_forms(merged, report(q_pass, quantization="q", chat_template_sha256="other"))
+    assert e.value.mismatches == ["chat_template_sha256: 'abc' vs 'other'"]
+    # no target measured: never a pass
+    only_general = {k: v for k, v in passes.items() if k.startswith("general")}
+    assert compare_forms(report(only_general), report(only_general, quantization="q")).verdict == "fail"

@@ -151,7 +151,7 @@ def test_the_group_size_is_chosen_or_refused_by_the_layer_widths(env):
     assert plan(svc, smol, calibration_dataset=data.ref()).spec.group_size == 64
     with pytest.raises(InvalidArgument) as e:
         plan(svc, smol, calibration_dataset=data.ref(), group_size=128)
-    assert "spec.group_size" in str(e.value) and "576" in str(e.value) and "give 64" in str(e.value)
+    assert "spec.group_size" in str(e.value) and "input widths 576 (6 layers" in str(e.value) and "give 64" in str(e.value)
     with pytest.raises(InvalidArgument, match="per channel"):
         plan(svc, smol, "w8a8-int8", calibration_dataset=data.ref(), group_size=64)
 

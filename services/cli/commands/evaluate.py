@@ -160,6 +160,10 @@ def eval_compare(
                                              help="Gate: the target's paired 95% interval of the gain lies above 0 "
                                              "(default on)."),
     allow_uncontrolled: bool = typer.Option(False, help="Compare despite differing controls (stamped)."),
+    forms: bool = typer.Option(False, "--forms", help="Two forms of one model (merged vs quantized, vLLM vs "
+                               "llama.cpp): only precision, quantization and engine may differ."),
+    max_drop: float | None = typer.Option(None, "--max-drop", help="With --forms: at most this many points of any "
+                                          "block's tests lost (default 2)."),
     html: str = typer.Option("", "--html", help="Save the comparison page here."),
 ) -> None:
     """Baseline vs candidate, test by test: flips, paired differences (McNemar), forgetting, gates, the
@@ -174,7 +178,8 @@ def eval_compare(
              if v is not None}
     c = client()
     res = rpc(c.compare_reports, baseline, candidate, prompting_baseline=prompting,
-              gates=ev.Gates(**given) if given else None, allow_uncontrolled=allow_uncontrolled)
+              gates=ev.Gates(**given) if given else None, allow_uncontrolled=allow_uncontrolled,
+              form_comparison=forms, max_form_drop_points=max_drop)
     if html:
         rpc(c.download, res.report.uri, "comparison.html", Path(html))
     if OPTS["json"]:
