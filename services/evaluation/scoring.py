@@ -332,14 +332,15 @@ def _vs_prompting(candidate: dict[str, Any], prompting: dict[str, Any]) -> tuple
                              "not more than the noise; would a good prompt have been enough?"))
 
 
-FORM_KEYS = ("engine", "engine_version", "precision", "quantization")  # what two forms of one model may differ in
+# what two forms of one model may differ in: base + adapter (LoRA on the engine) is a form of its merge, proved equal
+FORM_KEYS = ("engine", "engine_version", "precision", "quantization", "lora_enabled")
 DEFAULT_FORM_DROP_POINTS = 2.0
 
 
 def compare_forms(baseline: dict[str, Any], candidate: dict[str, Any], *,
                   max_drop_points: float = DEFAULT_FORM_DROP_POINTS) -> Comparison:
-    """Two forms of one model on the same suite (the full-precision merge vs its quantization, or vLLM vs
-    llama.cpp): only precision, quantization and engine may differ, and the comparison states them. A form is as
+    """Two forms of one model on the same suite (base + adapter or the full-precision merge vs its quantization, or
+    vLLM vs llama.cpp): only precision, quantization, engine and LoRA-on-the-engine may differ, and the comparison states them. A form is as
     good as the other when no block loses more than `max_drop_points` of its tests (the share the baseline form
     passed and the candidate fails; gains are the noise of rounding, they buy nothing back); the target block must
     be measured. Also reported: the share of tests whose outputs are identical (greedy agreement)."""

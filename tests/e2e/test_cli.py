@@ -31,7 +31,8 @@ def only(env, kind: str, name: str) -> dict:
 def test_demo_is_the_main_job(tmp_path):
     """`tunery demo --smoke`: the main job's whole arc on a slice, on the real-model fixture (SmolLM2-135M-Instruct),
     from a stack the demo starts itself (as `make demo` on a fresh machine): import -> prepare -> prompting-baseline
-    eval -> 6 training steps -> base and adapter on one engine -> paired comparison -> merge."""
+    eval -> 6 training steps -> base and adapter on one engine -> paired comparison -> merge -> GPTQ W4A16 ->
+    evaluated again -> form comparison."""
     from services.merging.spec import TOLERANCES
     from tests.session import fixture_model, require_loopback
 
@@ -83,7 +84,18 @@ def test_demo_is_the_main_job(tmp_path):
     assert result["merged_model"] and merge["probe_prompts"] >= 1
     assert merge["max_abs_logit_diff"] <= tol.max_abs_logit and merge["mean_kl"] <= tol.mean_kl, merge
     assert merge["greedy_identical"] + merge["greedy_ties"] >= merge["probe_prompts"], merge
-    assert set(result["step_seconds"]) == {"import", "prepare", "eval_prompted", "train", "eval_adapter", "merge"}
+    # the merged model quantized to GPTQ W4A16, calibrated on the data it was tuned on, evaluated again and compared
+    # with base + adapter as a form of one model: the differences stated, the same tests paired
+    q, forms = result["quantize"], result["forms"]
+    assert result["quantized_model"] and q["output_bytes"] < q["model_bytes"] and q["compression_ratio"] > 1.5, q
+    assert 0 < q["quantize_peak_rss_bytes"] <= q["planned_peak_bytes"] and 0 <= q["greedy_agreement"] <= 1, q
+    assert any(d.startswith("quantization: '' vs 'compressed-tensors gptq-w4a16'") for d in forms["differences"])
+    assert any(d.startswith("lora_enabled: True vs False") for d in forms["differences"]), forms
+    assert forms["paired"]["target"]["pairs"] == 6 and forms["verdict"] in ("PASS", "FAIL")
+    assert (forms["verdict"] == "PASS") == all(100 * p["lost"] / p["pairs"] <= 5.0 for p in forms["paired"].values())
+    assert result["blocks"]["quantized"]["target"]["total"] == 6
+    assert set(result["step_seconds"]) == {"import", "prepare", "eval_prompted", "train", "eval_adapter", "merge",
+                                           "quantize", "eval_quantized"}
     assert all(t["server_start_s"] > 0 and t["tests_s"] > 0 for t in result["eval_seconds"].values())
     assert not (tmp_path / "home" / "stack.json").exists()  # the demo stopped what it started
 

@@ -26,6 +26,8 @@ DEMO_MODEL = REPO / "build" / "fixtures" / "smollm2-135m-instruct"
 # The demo's gates: the target behaviour learned on held-out tickets, at most 2 points of facts forgotten.
 MIN_TARGET = 0.8
 MAX_GENERAL_DROP = 2.0
+# the W4A16 form against base + adapter: at most this many points of any block's tests lost to 4-bit weights
+MAX_FORM_DROP = 5.0
 
 
 def _system_prompt(tickets: Path) -> str:
@@ -61,7 +63,8 @@ def demo(model: str = typer.Option(str(DEMO_MODEL), help="A Hugging Face model d
     """The main job on the embedded default: base model -> data (validate, dedup, hold out) -> baseline eval (base +
     system prompt + 2-shot: is prompting enough?) -> LoRA -> base and adapter on one engine (held-out tickets checked
     field by field, fact probes scored by knowledge, an lm-eval task) -> paired comparison and verdict -> merge into
-    the base, proved equal to base + adapter. Prints a JSON summary; the reports are artifacts."""
+    the base, proved equal to base + adapter -> GPTQ W4A16 calibrated on the tickets, evaluated again and compared
+    with base + adapter as a form of one model. Prints a JSON summary; the reports are artifacts."""
     import os
 
     from services.evaluation.lm_eval_tasks import fact_task_files
@@ -136,10 +139,25 @@ def demo(model: str = typer.Option(str(DEMO_MODEL), help="A Hugging Face model d
                            rpc(c.submit_merge, base, adapter, options=cpus))
         merged_uri = merged_job.outputs[0].uri
         merged = c.get_artifact(merged_uri)
+        # a smaller form of it: 4-bit weights calibrated on the tickets it was tuned on, then evaluated again and
+        # compared with base + adapter as a form of the same model (only precision, quantization and engine differ)
+        quantized_job = s.run("quantize", "quantize the merged model to GPTQ W4A16, calibrated on its training data",
+                              rpc(c.submit_quantize, merged_uri, "gptq-w4a16", samples=32 if smoke else 128,
+                                  max_seq_len=192, options=cpus))
+        quantized_uri = quantized_job.outputs[-1].uri
+        quantized = c.get_artifact(quantized_uri)
+        q_report = s.run("eval_quantized", "evaluate the quantized model (vLLM, W4A16)", rpc(
+            c.submit_eval, ev.EvalTarget(model=ref(quantized_uri)), suite, sampling=sampling,
+            options=cpus)).outputs[0].uri
+        forms = rpc(c.compare_reports, labels["candidate"], q_report, form_comparison=True,
+                    max_form_drop_points=MAX_FORM_DROP)
+        err.print(f"[bold]W4A16 vs base + adapter: {ev.Verdict.Name(forms.verdict).removeprefix('VERDICT_')}[/bold]")
+        for line in forms.verdict_reasons:
+            err.print(f"  {line}")
         reports = {k: c.get_artifact(u) for k, u in (("prompted", prompted), ("baseline", labels["baseline"]),
-                                                    ("candidate", labels["candidate"]))}
+                                                    ("candidate", labels["candidate"]), ("quantized", q_report))}
         rep = {k: rpc(c.eval_report, u) for k, u in (("baseline", labels["baseline"]),
-                                                     ("candidate", labels["candidate"]))}
+                                                     ("candidate", labels["candidate"]), ("quantized", q_report))}
 
         def blocks(r) -> dict:
             return {ev.EvalBlock.Name(b.block).removeprefix("EVAL_BLOCK_").lower(): {
@@ -166,6 +184,15 @@ def demo(model: str = typer.Option(str(DEMO_MODEL), help="A Hugging Face model d
               "merged_model": merged_uri,
               "merge": {k: merged.metrics[k] for k in ("max_abs_logit_diff", "mean_kl", "greedy_identical",
                                                       "greedy_ties", "probe_prompts") if k in merged.metrics},
+              "quantized_model": quantized_uri, "quantized_report": q_report,
+              "quantize": {k: quantized.metrics[k] for k in ("model_bytes", "output_bytes", "compression_ratio",
+                                                             "greedy_agreement", "quantize_peak_rss_bytes",
+                                                             "planned_peak_bytes") if k in quantized.metrics},
+              "forms": {"verdict": ev.Verdict.Name(forms.verdict).removeprefix("VERDICT_"),
+                        "differences": list(forms.form_differences), "greedy_agreement": forms.greedy_agreement,
+                        "reasons": list(forms.verdict_reasons),
+                        "paired": {p.block: {"pairs": p.pairs, "gained": p.gained, "lost": p.lost}
+                                   for p in forms.paired}},
               "eval_seconds": {k: {m: round(a.metrics[m], 1) for m in ("server_start_s", "tests_s")
                                    if m in a.metrics} for k, a in reports.items()},
               "step_seconds": s.seconds, "total_seconds": round(time.monotonic() - t_start, 1)})
