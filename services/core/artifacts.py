@@ -153,6 +153,10 @@ class ArtifactStore:
         return manifest, True
 
     # ------------------------------------------------------------------ reading
+    def find(self, id_or_uri: str) -> Manifest | None:
+        """The artifact, or None when it does not exist (deleted, pruned)."""
+        return self._try_get(self.parse_id(id_or_uri))
+
     def _try_get(self, artifact_id: str) -> Manifest | None:
         try:
             raw = self.objects.get_bytes(self._manifest_key(artifact_id))

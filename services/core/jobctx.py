@@ -108,6 +108,10 @@ class JobContext:
         self.progress.last_cursor = self._cursor
         if metrics:
             self.progress.latest_metrics.update(metrics)
+        if step:
+            self.progress.last_step = step
+        if state is not None and state.is_terminal():
+            self.progress.state = state.value
         if artifact is not None and artifact not in self.progress.outputs:
             self.progress.outputs.append(artifact)
         self.files.put_progress(self.progress)

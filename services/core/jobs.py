@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from enum import Enum
 from typing import Any, Protocol
 
@@ -76,6 +77,8 @@ class JobProgress(BaseModel):
     latest_metrics: dict[str, float] = Field(default_factory=dict)
     last_cursor: int = 0
     error: str = ""
+    state: str = ""                        # the terminal state the job recorded (succeeded | failed | cancelled)
+    last_step: int = 0                     # the step of its latest event that had one
 
 
 class JobRecord(BaseModel):
@@ -119,6 +122,32 @@ def spec_sha256(kind: str, project: str, spec: dict[str, Any]) -> str:
     return hashlib.sha256(body.encode()).hexdigest()
 
 
+SIGNALS = {9: "SIGKILL: out of memory, or killed from outside", 15: "SIGTERM", 6: "SIGABRT", 11: "SIGSEGV: a crash "
+           "in native code", 7: "SIGBUS"}
+CLUSTER_GONE = "the Ray cluster that ran it is gone (restarted?)"
+
+
+def resume_hint(progress: JobProgress) -> str:
+    """What submitting the same spec again does, from the job's own outputs: its latest checkpoint, if any."""
+    ckpt = [o.uri for o in progress.outputs if "/checkpoint-" in o.uri]
+    return (f"; the same spec submitted again resumes from {ckpt[-1].rsplit('/', 1)[-1]}" if ckpt else "")
+
+
+def killed_reason(ray_message: str, progress: JobProgress) -> str:
+    """Ray's 'Job entrypoint command failed with exit code 137, last available logs ...' as a person reads it:
+    the signal, the step it reached, and how to resume; "" when the process exited on its own."""
+    m = re.search(r"exit code (-?\d+)", ray_message or "")
+    if not m:
+        return ""
+    code = int(m.group(1))
+    signum = -code if code < 0 else code - 128 if code > 128 else 0
+    if not signum:
+        return ""
+    at = f" at step {progress.last_step}" if progress.last_step else ""
+    return (f"the job process was killed (signal {signum}: {SIGNALS.get(signum, 'a signal')}){at}"
+            + resume_hint(progress))
+
+
 def derive_state(ray_status: str, ray_message: str, progress: JobProgress, cancel: str | None) -> tuple[JobState, str]:
     """Map Ray's job status plus what the job and the service wrote to (state, reason)."""
     if ray_status == "SUCCEEDED":
@@ -128,7 +157,8 @@ def derive_state(ray_status: str, ray_message: str, progress: JobProgress, cance
     if ray_status == "STOPPED":
         return JobState.CANCELLED, ray_message or "stopped"
     if ray_status == "FAILED":
-        return JobState.FAILED, progress.error or ray_message or "the job failed"
+        return JobState.FAILED, progress.error or killed_reason(ray_message, progress) or ray_message or \
+            "the job failed"
     if ray_status == "PENDING":
         return JobState.QUEUED, ray_message
     if ray_status == "RUNNING":

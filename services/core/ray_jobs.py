@@ -8,11 +8,13 @@ import logging
 import threading
 import time
 import uuid
+from typing import Any
 
-from services.core.artifacts import ArtifactStore
+from services.core.artifacts import ArtifactRef, ArtifactStore
 from services.core.errors import AlreadyExists, NotFound, Unavailable
 from services.core.job_store import JobFiles
 from services.core.jobs import (
+    CLUSTER_GONE,
     JobEnvelope,
     JobEvent,
     JobRecord,
@@ -21,6 +23,7 @@ from services.core.jobs import (
     Resources,
     derive_state,
     describe_resources,
+    resume_hint,
     spec_sha256,
     unschedulable_reason,
 )
@@ -111,11 +114,50 @@ class RayJobRunner:
             spec=env.spec if env else {},
             spec_sha256=meta.get("tunery_spec_sha256", ""),
             resources=resources,
-            outputs=progress.outputs,
+            outputs=self._existing(progress.outputs),
             latest_metrics=progress.latest_metrics,
             last_event_cursor=progress.last_cursor,
             labels=json.loads(meta.get("tunery_labels", "{}")),
         )
+
+    def _existing(self, outputs: list[ArtifactRef]) -> list[ArtifactRef]:
+        """A job's outputs that still exist (a training job's pruned checkpoints, a deleted artifact: not listed)."""
+        return [o for o in outputs if self.artifacts.find(o.uri) is not None]
+
+    def _stored(self, job_id: str, with_spec: bool = True) -> JobRecord | None:
+        """A job the Ray cluster does not know (it restarted, or this is another head), from what the store holds:
+        the envelope, the job's own state.json and events. A job that never recorded an end ran on a cluster that
+        is gone: failed, with that reason."""
+        files = JobFiles(self.artifacts, job_id)
+        env = files.envelope()
+        if env is None or env.project != self.artifacts.project:
+            return None
+        progress = files.progress()
+        cancel = files.cancel_reason()
+        if progress.state in {s.value for s in JobState if s.is_terminal()}:
+            state = JobState(progress.state)
+            reason = progress.error if state is JobState.FAILED else (cancel or "") if state is JobState.CANCELLED \
+                else ""
+        elif cancel is not None and not progress.started_at:
+            state, reason = JobState.CANCELLED, cancel
+        else:
+            state = JobState.FAILED
+            at = f" at step {progress.last_step}" if progress.last_step else ""
+            reason = f"{CLUSTER_GONE}: it was {progress.phase or 'queued'}{at} when it stopped reporting" + \
+                resume_hint(progress.model_copy(update={"outputs": self._existing(progress.outputs)}))
+        events = files.events(max(progress.last_cursor - 1, 0), limit=1) if progress.last_cursor else []
+        return JobRecord(
+            id=job_id, kind=env.kind, service=env.service, state=state, state_reason=reason,
+            created_at=env.created_at, started_at=progress.started_at,
+            finished_at=events[-1].time if events and state.is_terminal() else 0.0,
+            spec=env.spec if with_spec else {}, spec_sha256=env.spec_sha256, resources=env.resources,
+            outputs=self._existing(progress.outputs), latest_metrics=progress.latest_metrics,
+            last_event_cursor=progress.last_cursor, labels=env.labels)
+
+    def _stored_ids(self) -> list[str]:
+        prefix = self.artifacts.key("jobs") + "/"
+        return [k[len(prefix):-len("/spec.json")] for k in self.artifacts.objects.list(prefix)
+                if k.endswith("/spec.json") and k.count("/") == prefix.count("/") + 1]
 
     # ------------------------------------------------------------------ API
     def submit(self, req: JobRequest) -> JobRecord:
@@ -181,28 +223,47 @@ class RayJobRunner:
     def get(self, job_id: str, *, with_spec: bool = True) -> JobRecord:
         validate_id(job_id, "job_id")
         info = self._info(job_id)
-        if info is None or not self._mine(info):
+        if info is not None and self._mine(info):
+            return self._record(info, with_spec=with_spec)
+        stored = self._stored(job_id, with_spec) if info is None else None
+        if stored is None:
             raise NotFound(f"job {job_id} not found in project {self.artifacts.project}")
-        return self._record(info, with_spec=with_spec)
+        return stored
 
     def list(self, *, service: str = "", kind: str = "", states: set[JobState] | None = None,
              offset: int = 0, limit: int = 50) -> tuple[list[JobRecord], int]:
-        infos = [i for i in self._client().list_jobs() if self._mine(i)]
-        if service:
-            infos = [i for i in infos if (i.metadata or {}).get("tunery_service") == service]
-        if kind:
-            infos = [i for i in infos if (i.metadata or {}).get("tunery_kind") == kind]
-        infos.sort(key=lambda i: (-(i.start_time or 0), i.submission_id))
+        """Every job of the project, newest first: Ray's (the live source while they run) and those only the store
+        still holds (from before a restart of the cluster)."""
+        ray_infos = [i for i in self._client().list_jobs() if self._mine(i)]
+        known = {i.submission_id for i in ray_infos}
+        entries: list[tuple[float, str, Any]] = [((i.start_time or 0) / 1000.0, i.submission_id, i) for i in ray_infos]
+        for job_id in self._stored_ids():
+            if job_id not in known:
+                entries.append((0.0, job_id, None))
         out: list[JobRecord] = []
+        stored: dict[str, JobRecord] = {}
+        for i, (at, job_id, info) in enumerate(entries):
+            if info is None and (rec := self._stored(job_id, with_spec=False)) is not None:
+                stored[job_id] = rec
+                entries[i] = (rec.created_at, job_id, None)
+        entries = [e for e in entries if e[2] is not None or e[1] in stored]
+        def meta(e, key: str) -> str:
+            return (e[2].metadata or {}).get(f"tunery_{key}", "") if e[2] is not None else getattr(stored[e[1]], key)
+
+        if service:
+            entries = [e for e in entries if meta(e, "service") == service]
+        if kind:
+            entries = [e for e in entries if meta(e, "kind") == kind]
+        entries.sort(key=lambda e: (-e[0], e[1]))
         pos = offset
-        for info in infos[offset:]:
+        for at, job_id, info in entries[offset:]:
             pos += 1
-            rec = self._record(info, with_spec=False)
+            rec = self._record(info, with_spec=False) if info is not None else stored[job_id]
             if states and rec.state not in states:
                 continue
             out.append(rec)
             if len(out) == limit:
-                return out, (pos if pos < len(infos) else 0)
+                return out, (pos if pos < len(entries) else 0)
         return out, 0
 
     def cancel(self, job_id: str, reason: str) -> JobRecord:

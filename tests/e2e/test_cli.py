@@ -98,6 +98,19 @@ def test_demo_is_the_main_job(tmp_path):
                                            "quantize", "eval_quantized"}
     assert all(t["server_start_s"] > 0 and t["tests_s"] > 0 for t in result["eval_seconds"].values())
     assert not (tmp_path / "home" / "stack.json").exists()  # the demo stopped what it started
+    # the job history survives a restart: a new stack (a new Ray head, the same store) lists the demo's jobs,
+    # read from the store, with their states and outputs
+    try:
+        tunery(env, "up", timeout=300)
+        listed = json.loads(tunery(env, "--json", "jobs", "list").stdout)
+    finally:
+        tunery(env, "down", check=False)
+    kinds = {j["kind"] for j in listed}
+    assert {"registry.import_model", "datagen.prepare", "training.sft", "evaluation.run", "merging.merge",
+            "quantization.quantize"} <= kinds, kinds
+    assert all(j["state"] == "JOB_STATE_SUCCEEDED" for j in listed), [(j["id"], j["state"]) for j in listed]
+    merge_job = next(j for j in listed if j["kind"] == "merging.merge")
+    assert [o["uri"] for o in merge_job["outputs"]] == [result["merged_model"]]
 
 
 def test_eval_run_with_local_lm_eval_tasks_then_report(cli_env, vllm_endpoint, tmp_path):

@@ -165,3 +165,75 @@ def test_a_train_job_gets_the_cpu_threads_it_reserved():
     assert use_cpu_threads(2.0, env) == 2 and all(env[k] == "2" for k in CPU_THREAD_VARS)
     assert use_cpu_threads(0.5, env) == 1 and env["OMP_NUM_THREADS"] == "1"
     assert use_cpu_threads(0, env) == 1
+
+
+class RestartedRay:
+    """A Ray job API that knows no job: the cluster restarted (or another head took over the same store)."""
+
+    def list_jobs(self):
+        return []
+
+    def get_job_info(self, job_id):
+        raise RuntimeError(f"Job {job_id} does not exist (404)")
+
+
+def test_job_history_survives_a_ray_restart(tmp_path):
+    """List and Get read the store for jobs Ray no longer knows: a finished job keeps its state and lists only the
+    outputs that still exist; a job that was running when its cluster went away is failed with that reason and how
+    to resume; nothing of another project shows."""
+    from services.core.jobs import JobEnvelope
+    from services.core.ray_jobs import RayJobRunner
+    from services.core.settings import RaySettings
+
+    store = ArtifactStore(LocalObjectStore(tmp_path / "s"), "p")
+    runner = RayJobRunner(RaySettings(), store, {})
+    runner._client_obj = RestartedRay()
+
+    def artifact(kind, name):
+        w = store.writer(kind, name)
+        w.add_bytes(name.encode(), "f.txt")
+        return w.commit({})[0]
+
+    kept, pruned, ckpt = artifact("adapter", "kept"), artifact("checkpoint", "ckpt-old"), artifact("checkpoint", "ck")
+    store.delete(pruned.id)
+
+    def job(job_id, created, project="p", **progress):
+        files = JobFiles(ArtifactStore(store.objects, project), job_id)
+        files.put_envelope(JobEnvelope(job_id=job_id, kind="training.sft", service="training", role="train",
+                                       project=project, spec={"x": 1}, spec_sha256="d", created_at=created))
+        files.put_progress(JobProgress(**progress))
+
+    job("done", 100.0, phase="done", state="succeeded", started_at=101.0, outputs=[pruned.ref(), kept.ref()])
+    job("lost", 200.0, phase="running", started_at=201.0, last_step=33, outputs=[ckpt.ref()])
+    job("theirs", 300.0, project="q", phase="done", state="succeeded")
+    jobs, _ = runner.list(limit=10)
+    assert [j.id for j in jobs] == ["lost", "done"]  # newest first, this project's only
+    done = runner.get("done")
+    assert done.state is JobState.SUCCEEDED and done.spec == {"x": 1}
+    assert [o.uri for o in done.outputs] == [kept.uri]  # the pruned checkpoint is not listed
+    lost = runner.get("lost")
+    assert lost.state is JobState.FAILED
+    assert lost.state_reason == ("the Ray cluster that ran it is gone (restarted?): it was running at step 33 when it "
+                                 f"stopped reporting; the same spec submitted again resumes from {ckpt.id}")
+    assert [j.id for j in runner.list(states={JobState.FAILED}, limit=10)[0]] == ["lost"]
+    assert runner.list(service="registry", limit=10)[0] == []
+    with pytest.raises(Exception, match="not found"):
+        runner.get("theirs")
+
+
+def test_a_killed_job_says_what_happened():
+    from services.core.artifacts import ArtifactRef
+
+    ray = ("Job entrypoint command failed with exit code 137, last available logs (truncated to 20,000 chars): "
+           '{"json": "..."}')
+    progress = JobProgress(last_step=33, outputs=[ArtifactRef(uri="tunery://p/checkpoint-ckpt-a-1"),
+                                                  ArtifactRef(uri="tunery://p/checkpoint-ckpt-a-2")])
+    state, reason = derive_state("FAILED", ray, progress, None)
+    assert state is JobState.FAILED
+    assert reason == ("the job process was killed (signal 9: SIGKILL: out of memory, or killed from outside) at step "
+                      "33; the same spec submitted again resumes from checkpoint-ckpt-a-2")
+    assert derive_state("FAILED", "exit code -11", JobProgress(), None)[1].startswith(
+        "the job process was killed (signal 11: SIGSEGV")
+    # a process that exited on its own keeps Ray's message; what the job said about itself comes first
+    assert derive_state("FAILED", "exit code 1", JobProgress(), None)[1] == "exit code 1"
+    assert derive_state("FAILED", "exit code 137", JobProgress(error="out of data"), None)[1] == "out of data"
