@@ -87,6 +87,8 @@ def test_demo_is_the_main_job(tmp_path):
     # the merged model quantized to GPTQ W4A16, calibrated on the data it was tuned on, evaluated again and compared
     # with base + adapter as a form of one model: the differences stated, the same tests paired
     q, forms = result["quantize"], result["forms"]
+    print(f"\nsmoke demo: quantize {q}; forms {forms['verdict']} {forms['paired']}, greedy agreement "
+          f"{forms['greedy_agreement']:.2f}; steps {result['step_seconds']}")
     assert result["quantized_model"] and q["output_bytes"] < q["model_bytes"] and q["compression_ratio"] > 1.5, q
     assert 0 < q["quantize_peak_rss_bytes"] <= q["planned_peak_bytes"] and 0 <= q["greedy_agreement"] <= 1, q
     assert any(d.startswith("quantization: '' vs 'compressed-tensors gptq-w4a16'") for d in forms["differences"])
