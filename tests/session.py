@@ -241,3 +241,17 @@ def vllm_endpoint(seed, tmp_path_factory):
     print(f"\nshared vLLM server up in {server.start_s:.1f}s at {server.base_url}")
     yield server
     server.stop()
+
+
+def rpc_error(fn) -> tuple:
+    """The status code and details of the gRPC error `fn()` raises (the test fails if it raises none)."""
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    return e.value.code(), e.value.details()
+
+
+def job_events(client, job_id: str) -> list:
+    """Every event a job has written so far."""
+    return list(client.watch(job_id, follow=False))

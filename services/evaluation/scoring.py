@@ -333,6 +333,22 @@ def _vs_prompting(candidate: dict[str, Any], prompting: dict[str, Any]) -> tuple
 
 
 # what two forms of one model may differ in: base + adapter (LoRA on the engine) is a form of its merge, proved equal
+def _flips(base_tests: dict[str, dict], cand_tests: dict[str, dict], common: list[str]) -> list[dict[str, Any]]:
+    """The tests measured on both sides whose verdict changed, with the prompt and both outputs."""
+    return [{"test_id": i, "block": cand_tests[i]["block"], "now_passes": bool(cand_tests[i]["passed"]),
+             "prompt": cand_tests[i].get("prompt", ""), "baseline_output": base_tests[i].get("output", ""),
+             "candidate_output": cand_tests[i].get("output", "")}
+            for i in common if _measured(base_tests[i]) and _measured(cand_tests[i])
+            and bool(base_tests[i]["passed"]) != bool(cand_tests[i]["passed"])]
+
+
+def _lost_text(p: dict[str, Any]) -> str:
+    """': lost “…” → “…”; …' for a paired block that lost tests (a few examples), else ''."""
+    if not p["lost"]:
+        return ""
+    return ": lost " + "; ".join(p["lost_examples"]) + (" …" if p["lost"] > len(p["lost_examples"]) else "")
+
+
 FORM_KEYS = ("engine", "engine_version", "precision", "quantization", "lora_enabled")
 DEFAULT_FORM_DROP_POINTS = 2.0
 
@@ -353,11 +369,7 @@ def compare_forms(baseline: dict[str, Any], candidate: dict[str, Any], *,
     cand_tests = {t["id"]: t for t in candidate["tests"]}
     common = [i for i in cand_tests if i in base_tests]
     identical = sum(1 for i in common if base_tests[i].get("output") == cand_tests[i].get("output"))
-    flips = [{"test_id": i, "block": cand_tests[i]["block"], "now_passes": bool(cand_tests[i]["passed"]),
-              "prompt": cand_tests[i].get("prompt", ""), "baseline_output": base_tests[i].get("output", ""),
-              "candidate_output": cand_tests[i].get("output", "")}
-             for i in common if _measured(base_tests[i]) and _measured(cand_tests[i])
-             and bool(base_tests[i]["passed"]) != bool(cand_tests[i]["passed"])]
+    flips = _flips(base_tests, cand_tests, common)
     paired = paired_blocks(baseline, candidate)
     agreement = identical / len(common) if common else 0.0
     reasons = [f"form comparison, gate: at most {max_drop_points:g} points of any block's tests lost",
@@ -368,8 +380,7 @@ def compare_forms(baseline: dict[str, Any], candidate: dict[str, Any], *,
     for p in paired:
         good = p["forgetting_points"] <= max_drop_points + 1e-9
         ok &= good
-        lost = (": lost " + "; ".join(p["lost_examples"]) + (" …" if p["lost"] > len(p["lost_examples"]) else "")
-                if p["lost"] else "")
+        lost = _lost_text(p)
         reasons.append(f"{p['block']} {p['difference']:+.1%} ({p['lost']} of {p['pairs']} lost, {p['gained']} gained; "
                        f"{p['forgetting_points']:.1f} points lost {'≤' if good else '>'} {max_drop_points:g}){lost}")
     reasons.append(f"greedy agreement: {identical} of {len(common)} outputs identical ({agreement:.0%})")
@@ -400,11 +411,7 @@ def compare(baseline: dict[str, Any], candidate: dict[str, Any], *, gates: Gates
     base_tests = {t["id"]: t for t in baseline["tests"]}
     cand_tests = {t["id"]: t for t in candidate["tests"]}
     common = [i for i in cand_tests if i in base_tests]
-    flips = [{"test_id": i, "block": cand_tests[i]["block"], "now_passes": bool(cand_tests[i]["passed"]),
-              "prompt": cand_tests[i].get("prompt", ""), "baseline_output": base_tests[i].get("output", ""),
-              "candidate_output": cand_tests[i].get("output", "")}
-             for i in common if _measured(base_tests[i]) and _measured(cand_tests[i])
-             and bool(base_tests[i]["passed"]) != bool(cand_tests[i]["passed"])]
+    flips = _flips(base_tests, cand_tests, common)
     identical = sum(1 for i in common if base_tests[i].get("output") == cand_tests[i].get("output"))
     paired = paired_blocks(baseline, candidate)
     by_block = {p["block"]: p for p in paired}
@@ -440,8 +447,7 @@ def compare(baseline: dict[str, Any], candidate: dict[str, Any], *, gates: Gates
             continue
         good = p["forgetting_points"] <= gate + 1e-9
         ok &= good
-        lost = (": lost " + "; ".join(p["lost_examples"]) + (" …" if p["lost"] > len(p["lost_examples"]) else "")
-                if p["lost"] else "")
+        lost = _lost_text(p)
         reasons.append(f"{blk} forgetting {p['forgetting_points']:.1f} points ({p['lost']} of {p['pairs']} lost, "
                        f"{p['gained']} gained) {'≤' if good else '>'} gate {gate:g}{lost}")
     if paired and all(p["difference"] <= 0 for p in paired) and any(p["difference"] < 0 for p in paired):

@@ -15,7 +15,7 @@ import pytest
 from services.gen.tunery.v1 import common_pb2 as pb
 from tests.modeldirs import reshard
 from tests.servers import REPO, wait_for
-from tests.session import FOUNDATION, fixture_model, shuffled_facts, succeeded
+from tests.session import FOUNDATION, fixture_model, job_events, rpc_error, shuffled_facts, succeeded
 
 pytestmark = pytest.mark.integration
 TRAIN_PYTHON = REPO / ".venvs" / "train" / "bin" / "python"
@@ -40,14 +40,6 @@ print(json.dumps({"merged": answers(merged), "reference": answers(reference)}))
 """
 
 
-def code_of(fn) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as e:
-        fn()
-    return e.value.code(), e.value.details()
-
-
-def events(client, job_id: str) -> list[pb.JobEvent]:
-    return list(client.watch(job_id, follow=False))
 
 
 def test_the_seeded_adapter_merges_and_answers_like_base_plus_adapter(seed, tmp_path):
@@ -68,7 +60,7 @@ def test_the_seeded_adapter_merges_and_answers_like_base_plus_adapter(seed, tmp_
           f"{m['check_peak_rss_bytes'] / 2**20:.0f} MiB")
     assert m["greedy_identical"] == m["probe_prompts"] == 8  # the adapter's held-out split gave 8 prompts
     assert m["max_abs_logit_diff"] <= 2.0 and m["mean_kl"] <= 1e-2  # bf16's tolerance (merging.spec.TOLERANCES)
-    texts = [e.text for e in events(client, job.id)]
+    texts = [e.text for e in job_events(client, job.id)]
     assert any("writing shard 1 of 1" in t for t in texts) and any(t.startswith("equivalence on 8") for t in texts)
     card = client.download(merged.id, "README.md", tmp_path / "README.md").read_text()
     assert seed.foundation in card and seed.style_adapter in card and seed.style in card
@@ -111,11 +103,11 @@ def test_a_multi_shard_base_merges_within_its_memory_budget(seed, tmp_path):
     index = json.loads(client.download(merged.id, "model.safetensors.index.json", tmp_path / "i.json").read_text())
     assert len(set(index["weight_map"].values())) == m["shards"]
     # a budget the plan cannot meet is refused before anything is queued, saying what the merge needs
-    got, details = code_of(lambda: client.submit_merge(base, adapter, memory_budget_bytes=64 << 20))
+    got, details = rpc_error(lambda: client.submit_merge(base, adapter, memory_budget_bytes=64 << 20))
     assert got == grpc.StatusCode.FAILED_PRECONDITION and "more than the budget of 0.06 GiB" in details
     assert "the largest tensor's working copies" in details
     # the seeded adapter was trained on the original foundation: another base, by sha256
-    got, details = code_of(lambda: client.submit_merge(base, seed.style_adapter))
+    got, details = rpc_error(lambda: client.submit_merge(base, seed.style_adapter))
     assert got == grpc.StatusCode.FAILED_PRECONDITION and "was trained on" in details and seed.foundation in details
 
 
@@ -143,7 +135,7 @@ def test_refusals(seed, tmp_path):
          grpc.StatusCode.INVALID_ARGUMENT, "spec.max_shard_bytes"),
     ]
     for call, code, words in cases:
-        got, details = code_of(call)
+        got, details = rpc_error(call)
         assert got == code and words in details, (got, details)
     assert {j.id for j in client.list_jobs(kind="merging.merge")} == before  # nothing was queued
 
@@ -155,15 +147,15 @@ def test_a_qlora_adapter_merges_into_the_bf16_base_not_into_float32(seed):
         "max_seq_len": 128, "eval_samples": 0, "checkpoint_every_steps": 1000,
         "lora": {"rank": 8, "alpha": 16, "dropout": 0.0}}), 600)
     adapter = next(o.uri for o in trained.outputs if "/adapter-" in o.uri)
-    got, details = code_of(lambda: client.submit_merge(seed.foundation, adapter, output_dtype=pb.PRECISION_FP32))
+    got, details = rpc_error(lambda: client.submit_merge(seed.foundation, adapter, output_dtype=pb.PRECISION_FP32))
     assert got == grpc.StatusCode.FAILED_PRECONDITION and "QLoRA adapter" in details and "bf16/fp16" in details
     job = succeeded(client, client.submit_merge(seed.foundation, adapter), 600)
     assert client.get_artifact(job.outputs[-1].uri).metadata["merged_dtype"] == "bf16"
-    assert any("a QLoRA adapter" in e.text and e.level == pb.EVENT_LEVEL_WARNING for e in events(client, job.id))
+    assert any("a QLoRA adapter" in e.text and e.level == pb.EVENT_LEVEL_WARNING for e in job_events(client, job.id))
 
 
 def _pid(client, job_id: str) -> int:
-    for e in events(client, job_id):
+    for e in job_events(client, job_id):
         if "(pid " in e.text:
             return int(e.text.rsplit("(pid ", 1)[1].rstrip(")"))
     return 0
@@ -173,7 +165,7 @@ def test_a_job_killed_before_it_publishes_leaves_no_artifact(seed):
     client = seed.client
     job = client.submit_merge(seed.foundation, seed.style_adapter, name="killed-merge",
                               output_dtype=pb.PRECISION_FP32)
-    wait_for(lambda: any(e.text.startswith("merged:") for e in events(client, job.id)), 300,
+    wait_for(lambda: any(e.text.startswith("merged:") for e in job_events(client, job.id)), 300,
              what="the merge to finish and its check to start")
     os.kill(_pid(client, job.id), signal.SIGKILL)  # as an OOM kill would, while the merged shards are unpublished
     final = client.wait(job.id, 120)

@@ -17,19 +17,11 @@ from services.gen.tunery.v1 import common_pb2 as pb
 from services.gen.tunery.v1 import evaluation_pb2 as ev
 from services.sdk.client import ref
 from tests.servers import wait_for
-from tests.session import fixture_model, succeeded
+from tests.session import fixture_model, job_events, rpc_error, succeeded
 
 pytestmark = pytest.mark.integration
 
 
-def code_of(fn) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as e:
-        fn()
-    return e.value.code(), e.value.details()
-
-
-def events(client, job_id: str) -> list[pb.JobEvent]:
-    return list(client.watch(job_id, follow=False))
 
 
 def header(path) -> dict:
@@ -57,7 +49,7 @@ def test_gptq_w4a16_of_the_merged_model_calibrated_on_its_training_data_then_ser
         ("quantized", "compressed-tensors gptq-w4a16", "pack-quantized")
     assert meta["calibration_dataset"] == seed.style and len(meta["calibration_sha256"]) == 64
     assert meta["calibration_samples"] == 64 and list(meta["ignore"]) == ["lm_head"]
-    texts = [e.text for e in events(client, job.id)]
+    texts = [e.text for e in job_events(client, job.id)]
     assert [t.split(";")[0] for t in texts if t.startswith("calibrated")][:4] == \
         [f"calibrated layer {i} of 4" for i in range(1, 5)]
     # bounded by its plan, measured; smaller; and it answers like the model it came from
@@ -87,7 +79,7 @@ def test_gptq_w4a16_of_the_merged_model_calibrated_on_its_training_data_then_ser
     before = succeeded(client, client.submit_eval(ev.EvalTarget(model=ref(seed.merged)), suite,
                                                   key=f"{seed.project}-merged-eval"), 900)
     merged_report = client.eval_report(before.outputs[0].uri)
-    got, details = code_of(lambda: client.compare_reports(merged_report.report.uri, report.report.uri))
+    got, details = rpc_error(lambda: client.compare_reports(merged_report.report.uri, report.report.uri))
     assert got == grpc.StatusCode.FAILED_PRECONDITION and "precision" in details and "a form comparison" in details
     cmp = client.compare_reports(merged_report.report.uri, report.report.uri, form_comparison=True,
                                  max_form_drop_points=20)
@@ -104,7 +96,7 @@ def test_gptq_w4a16_of_the_merged_model_calibrated_on_its_training_data_then_ser
     assert (cmp.verdict == ev.VERDICT_PASS) == (paired["target"].forgetting_points <= 20)
     assert target.passed >= 6  # the style it was fine-tuned for survives 4-bit weights
     # not two forms of one model: refused
-    got, details = code_of(lambda: client.compare_reports(seed.foundation, report.report.uri, form_comparison=True))
+    got, details = rpc_error(lambda: client.compare_reports(seed.foundation, report.report.uri, form_comparison=True))
     assert got in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
 
 
@@ -150,21 +142,21 @@ def test_refusals_have_their_status_codes(seed):
         (lambda: client.submit_quantize("model-000000000000", "fp8-dynamic"), grpc.StatusCode.NOT_FOUND, ""),
     ]
     for fn, code, text in cases:
-        got, details = code_of(fn)
+        got, details = rpc_error(fn)
         assert (got, text in details) == (code, True), (got, details)
     quantized = [a.id for a in client.list_artifacts(kind=pb.ARTIFACT_KIND_MODEL)
                  if "form" in a.metadata and a.metadata["form"] == "quantized"]
     for quantized in quantized[:1]:  # an already-quantized model (the GPTQ test's, which runs first)
-        got, details = code_of(lambda q=quantized: client.submit_quantize(q, "w8a8-int8", calibration_dataset=seed.style))
+        got, details = rpc_error(lambda q=quantized: client.submit_quantize(q, "w8a8-int8", calibration_dataset=seed.style))
         assert got == grpc.StatusCode.FAILED_PRECONDITION and "already quantized" in details
 
 
 def test_a_killed_job_publishes_nothing(seed):
     client = seed.client
     job = client.submit_quantize(seed.merged, "w8a8-int8", name="killed-quantize", samples=64)
-    wait_for(lambda: any(e.text.startswith("quantizing ") for e in events(client, job.id)), 300,
+    wait_for(lambda: any(e.text.startswith("quantizing ") for e in job_events(client, job.id)), 300,
              what="the quantize job to start")
-    pid = next(int(e.text.rsplit("(pid ", 1)[1].rstrip(")")) for e in events(client, job.id) if "(pid " in e.text)
+    pid = next(int(e.text.rsplit("(pid ", 1)[1].rstrip(")")) for e in job_events(client, job.id) if "(pid " in e.text)
     os.kill(pid, signal.SIGKILL)  # as an OOM kill would, mid-calibration
     final = client.wait(job.id, 120)
     assert final.state == pb.JOB_STATE_FAILED
