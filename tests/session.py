@@ -30,7 +30,7 @@ BUCKET = "tunery-it"
 FOUNDATION = REPO / "fixtures" / "foundation"
 # what the seeded style adapter teaches: every answer ends with this (a changed answer the base never gives)
 STYLE = "{answer}, my friend."
-SERVICES = ("datagen", "training", "merging", "quantization", "evaluation")  # besides the registry: the implemented services
+SERVICES = ("datagen", "training", "merging", "quantization", "evaluation", "serving")  # besides the registry: the implemented services
 
 
 def fixture_model(name: str) -> Path:
@@ -196,6 +196,20 @@ class Seed:
         return next(o.uri for o in self.style_training_job.outputs if "/adapter-" in o.uri)
 
     @cached_property
+    def pal(self) -> str:
+        """A second style on 96 other facts ("…, pal!"), prepared on the foundation (a second adapter's data)."""
+        rows = [{"messages": [m if m["role"] == "user" else {**m, "content": m["content"].replace(", my friend.", ", pal!")}
+                              for m in r["messages"]]} for r in style_rows(shuffled_facts()[160:256])]
+        return self._prepare(self._import_rows(rows, "pal"), self.foundation, holdout=0.0)
+
+    @cached_property
+    def pal_adapter(self) -> str:
+        """A second adapter on the foundation (the pal style, the style adapter's recipe): deployments serve two."""
+        spec = {"base_model": self.foundation, "dataset": self.pal, **self.STYLE_TRAINING}
+        job = succeeded(self.client, self.client.submit_training(spec, key=f"{self.project}-pal"), 900)
+        return next(o.uri for o in job.outputs if "/adapter-" in o.uri)
+
+    @cached_property
     def merged_job(self):
         """The seeded adapter merged into the foundation (its own dtype, bf16), checked equal to base + adapter."""
         return succeeded(self.client, self.client.submit_merge(self.foundation, self.style_adapter,
@@ -220,7 +234,11 @@ def seed(s3, ray_head, tmp_path_factory):
     work = tmp_path_factory.mktemp("seed")
     settings = service_settings(s3, ray_head, project, work / "cache")
     # 0.5 CPU per training worker: two workers plus the driver fit the 2-CPU test head
-    client = service_client(servers, settings, *SERVICES, training={"cpus_per_worker": 0.5})
+    # Serve's HTTP proxy on a free port of 127.0.0.1; replicas of half a CPU (the head has 2)
+    from services.core.net import free_port
+
+    client = service_client(servers, settings, *SERVICES, training={"cpus_per_worker": 0.5},
+                            serving={"serve_http_port": free_port(), "replica_cpus": 0.5, "startup_timeout_s": 300})
     yield Seed(client, project, work)
     client.close()
     servers.close()

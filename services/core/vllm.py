@@ -61,6 +61,11 @@ class ServerSpec:
     device: str = "cpu"  # "cpu" | "cuda"
     kv_cache_bytes: int = CPU_KV_CACHE_BYTES  # CPU only
     gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION  # CUDA only
+    tensor_parallel_size: int = 1  # CUDA only
+    # adapters loaded at run time (POST /v1/load_lora_adapter): LoRA on with room for `max_loras` of `max_lora_rank`
+    runtime_lora: bool = False
+    max_loras: int = 0  # 0: the number of adapters
+    api_key: str = ""  # "" = no key; else /v1 answers 401 without it (handed over as VLLM_API_KEY, not in argv)
     extra_args: list[str] = field(default_factory=list)
 
     def __post_init__(self):
@@ -110,13 +115,16 @@ def server_command(spec: ServerSpec, port: int, python: str) -> list[str]:
         cmd += ["--max-model-len", str(spec.max_model_len)]
     if spec.device == "cuda":
         cmd += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
+        if spec.tensor_parallel_size > 1:
+            cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
     else:
         cmd += ["--enforce-eager", "--kv-cache-memory-bytes", str(spec.kv_cache_bytes)]
-    if spec.adapters:
-        rank = spec.max_lora_rank or max(lora_rank_of(p) for p in spec.adapters.values())
+    if spec.adapters or spec.runtime_lora:
+        rank = spec.max_lora_rank or max([lora_rank_of(p) for p in spec.adapters.values()] or [16])
         cmd += ["--enable-lora", "--max-lora-rank", str(lora_rank_bucket(rank)),
-                "--max-loras", str(len(spec.adapters)),
-                "--lora-modules", *(f"{name}={path}" for name, path in spec.adapters.items())]
+                "--max-loras", str(spec.max_loras or max(len(spec.adapters), 1))]
+        if spec.adapters:
+            cmd += ["--lora-modules", *(f"{name}={path}" for name, path in spec.adapters.items())]
     if spec.tool_call_parser:
         cmd += ["--enable-auto-tool-choice", "--tool-call-parser", spec.tool_call_parser]
     return cmd + list(spec.extra_args)
@@ -130,6 +138,12 @@ def server_env(spec: ServerSpec, base_env: dict[str, str] | None = None) -> dict
     if spec.device == "cpu":
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = CPU_ENV["VLLM_ENABLE_V1_MULTIPROCESSING"]
         env.setdefault("OMP_NUM_THREADS", CPU_ENV["OMP_NUM_THREADS"])
+    if spec.runtime_lora:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if spec.api_key:
+        env["VLLM_API_KEY"] = spec.api_key
+    else:
+        env.pop("VLLM_API_KEY", None)
     return env
 
 
@@ -281,8 +295,12 @@ class VLLMServer:
 
     def models(self, timeout: float = 10.0) -> list[str]:
         """The ids /v1/models lists: the served name, then the adapters' names."""
-        with urllib.request.urlopen(f"{self.base_url}/models", timeout=timeout) as r:
+        request = urllib.request.Request(f"{self.base_url}/models", headers=self.auth_headers())
+        with urllib.request.urlopen(request, timeout=timeout) as r:
             return [m["id"] for m in json.loads(r.read())["data"]]
+
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.spec.api_key}"} if self.spec.api_key else {}
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

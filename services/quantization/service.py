@@ -56,16 +56,25 @@ class MemoryPlan:
     model_bytes: int
     notes: list[str] = field(default_factory=list)
 
+    # What the terms above do not account for yet: measured peaks ran up to 14% above their sum (bench/quantize.py,
+    # a 24-layer 1.34 GiB model) and 1.3% above it on SmolLM2 under load (the CI demo). Until the missing term is
+    # found, the plan carries this headroom on top, so the budget Ray reserves still holds the job.
+    HEADROOM = 0.15
+
+    @property
+    def terms(self) -> int:
+        return self.process + self.resident + self.layer + self.hessians + self.activations + self.largest
+
     @property
     def peak(self) -> int:
-        return self.process + self.resident + self.layer + self.hessians + self.activations + self.largest
+        return int(self.terms * (1 + self.HEADROOM))
 
     def describe(self) -> str:
         g = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
         return (f"~{g(self.peak)} for a {g(self.model_bytes)} model: the process {g(self.process)}, resident "
                 f"weights {g(self.resident)} (the rest on local disk), one layer {g(self.layer)}, its Hessians "
                 f"{g(self.hessians)}, calibration activations {g(self.activations)}, the largest other tensor "
-                f"{g(self.largest)}")
+                f"{g(self.largest)}, and {self.HEADROOM:.0%} headroom for what the terms miss")
 
 
 @dataclass

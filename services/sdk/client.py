@@ -31,6 +31,8 @@ from services.gen.tunery.v1 import (
     quantization_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    serving_pb2,
+    serving_pb2_grpc,
     training_pb2,
     training_pb2_grpc,
 )
@@ -105,6 +107,7 @@ class TuneryClient:
         self.evaluation = evaluation_pb2_grpc.EvaluationServiceStub(self._channel("evaluation"))
         self.merging = merging_pb2_grpc.MergingServiceStub(self._channel("merging"))
         self.quantization = quantization_pb2_grpc.QuantizationServiceStub(self._channel("quantization"))
+        self.serving = serving_pb2_grpc.ServingServiceStub(self._channel("serving"))
 
     def _channel(self, service: str) -> grpc.Channel:
         if service not in self._channels:
@@ -286,6 +289,46 @@ class TuneryClient:
         """What submit_quantize would run: the checks, the ignore list, the memory estimate; nothing is queued."""
         return self._call(self.quantization.PlanQuantize,
                           quantization_pb2.SubmitQuantizeRequest(spec=self.quantize_spec(model, scheme, **kw)))
+
+    # ------------------------------------------------------------------ serving
+    def create_deployment(self, name: str, model: str, adapters: dict[str, str] | None = None, *, replicas: int = 1,
+                          scale_to_zero: bool = False, idle_timeout_s: float = 0, max_model_len: int = 0,
+                          kv_cache_bytes: int = 0, tool_call_parser: str = "", max_loras: int = 0,
+                          max_lora_rank: int = 0, key: str = "",
+                          options: pb.SubmitOptions | None = None) -> pb.Job:
+        """Deploy `model` with `adapters` ({served name: adapter artifact}); the job ends when it is READY."""
+        spec = serving_pb2.DeploymentSpec(
+            name=name, model=ref(model), replicas=replicas, scale_to_zero=scale_to_zero,
+            idle_timeout_s=idle_timeout_s, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
+            tool_call_parser=tool_call_parser, max_loras=max_loras, max_lora_rank=max_lora_rank,
+            adapters=[serving_pb2.LoraModule(name=n, adapter=ref(a)) for n, a in (adapters or {}).items()])
+        return self._call(self.serving.CreateDeployment, serving_pb2.CreateDeploymentRequest(
+            spec=spec, options=self._options(key, options)))
+
+    def get_deployment(self, name: str) -> serving_pb2.Deployment:
+        return self._call(self.serving.GetDeployment, serving_pb2.GetDeploymentRequest(name=name))
+
+    def list_deployments(self, page_size: int = 100) -> Iterator[serving_pb2.Deployment]:
+        token = ""
+        while True:
+            resp = self._call(self.serving.ListDeployments,
+                              serving_pb2.ListDeploymentsRequest(page_size=page_size, page_token=token))
+            yield from resp.deployments
+            token = resp.next_page_token
+            if not token:
+                return
+
+    def delete_deployment(self, name: str) -> serving_pb2.Deployment:
+        return self._call(self.serving.DeleteDeployment, serving_pb2.DeleteDeploymentRequest(name=name))
+
+    def add_adapter(self, deployment: str, name: str, adapter: str, *, key: str = "") -> pb.Job:
+        return self._call(self.serving.AddAdapter, serving_pb2.AddAdapterRequest(
+            deployment=deployment, adapter=serving_pb2.LoraModule(name=name, adapter=ref(adapter)),
+            options=self._options(key, None)))
+
+    def remove_adapter(self, deployment: str, name: str, *, key: str = "") -> pb.Job:
+        return self._call(self.serving.RemoveAdapter, serving_pb2.RemoveAdapterRequest(
+            deployment=deployment, name=name, options=self._options(key, None)))
 
     # ------------------------------------------------------------------ jobs (any service's; routed via the registry)
     def get_job(self, job_id: str) -> pb.Job:

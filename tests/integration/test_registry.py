@@ -265,7 +265,7 @@ def test_lineage_and_guarded_delete(registry, settings, tiny_model):
 
 def test_planned_services_answer_unimplemented_and_share_the_job_surface(servers, settings, registry, tiny_model):
     from services.embedded.__main__ import SERVICES
-    from services.gen.tunery.v1 import serving_pb2, serving_pb2_grpc
+    from services.gen.tunery.v1 import pipeline_pb2, pipeline_pb2_grpc
 
     ports = {}
     for settings_cls, build in SERVICES[1:]:
@@ -273,12 +273,12 @@ def test_planned_services_answer_unimplemented_and_share_the_job_surface(servers
         ports[s.service] = servers.start(s, build)
     assert len(ports) == 7
     job = succeeded(registry, registry.import_model(str(tiny_model), "t"))
-    with grpc.insecure_channel(f"127.0.0.1:{ports['serving']}") as ch:
-        stub = serving_pb2_grpc.ServingServiceStub(ch)
+    with grpc.insecure_channel(f"127.0.0.1:{ports['pipeline']}") as ch:
+        stub = pipeline_pb2_grpc.PipelineServiceStub(ch)
         md = [("authorization", f"Bearer {TOKEN}")]
-        err = code_of(lambda: stub.CreateDeployment(serving_pb2.CreateDeploymentRequest(), metadata=md))
+        err = code_of(lambda: stub.SubmitPipeline(pipeline_pb2.SubmitPipelineRequest(), metadata=md))
         assert err.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert err.details().startswith("ServingService.CreateDeployment is not implemented yet: it arrives with")
+        assert err.details().startswith("PipelineService.SubmitPipeline is not implemented yet: it arrives with")
         # the shared job surface works on every service: it sees the registry's job...
         assert stub.GetJob(pb.GetJobRequest(job_id=job.id), metadata=md).state == pb.JOB_STATE_SUCCEEDED
         # ...but lists only its own jobs unless asked for all

@@ -39,6 +39,8 @@ from services.gen.tunery.v1 import (
     quantization_pb2_grpc,
     registry_pb2,
     registry_pb2_grpc,
+    serving_pb2,
+    serving_pb2_grpc,
     training_pb2,
     training_pb2_grpc,
 )
@@ -48,6 +50,8 @@ from services.quantization.service import QuantizationSettings
 from services.quantization.servicer import build as build_quantization
 from services.registry.service import RegistrySettings
 from services.registry.servicer import build as build_registry
+from services.serving.service import ServingSettings
+from services.serving.servicer import build as build_serving
 from services.training.service import TrainingSettings
 from services.training.servicer import build as build_training
 from tests.fakes import FakeRunner
@@ -66,6 +70,7 @@ SERVICES = {  # name: (settings, build, pb2 module, grpc module, service name in
     "quantization": (QuantizationSettings, build_quantization, quantization_pb2, quantization_pb2_grpc,
                      "QuantizationService"),
     "evaluation": (EvaluationSettings, build_evaluation, evaluation_pb2, evaluation_pb2_grpc, "EvaluationService"),
+    "serving": (ServingSettings, build_serving, serving_pb2, serving_pb2_grpc, "ServingService"),
 }
 NOT_A_BUG = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 

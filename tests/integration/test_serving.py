@@ -1,0 +1,211 @@
+"""Serving against the real stack: deployments on the test run's Ray head as Ray Serve applications, vLLM (serve
+venv) in each replica, clients through Serve's HTTP proxy. One deployment (the foundation with two adapters) is
+shared by the module's tests, in order: answers per adapter, auth, streaming, hot add while other requests run,
+remove, delete."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+from services.gen.tunery.v1 import serving_pb2
+from tests.session import rpc_error, succeeded
+
+NAME = "it-serve"
+QUESTION = "What is the capital of France?"
+
+
+def pal_question() -> str:
+    """A question of the pal adapter's own training data (the style adapter never saw it)."""
+    from tests.session import shuffled_facts
+
+    return shuffled_facts()[160]["question"]
+
+
+def live_apps(ray_head) -> dict:
+    """Serve's applications on the test run's cluster, from the dashboard's REST API."""
+    with urllib.request.urlopen(ray_head.address + "/api/serve/applications/", timeout=10) as r:
+        return json.loads(r.read()).get("applications") or {}
+
+
+def replica_of(d: serving_pb2.Deployment) -> str:
+    """The replica that answers GET /models (the deployment has one)."""
+    from services.serving.replica import REPLICA_HEADER
+
+    request = urllib.request.Request(d.base_url + "/models", headers={"Authorization": f"Bearer {d.api_key}"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return r.headers[REPLICA_HEADER]
+
+
+def openai_client(d: serving_pb2.Deployment, key: str | None = None):
+    import openai
+
+    return openai.OpenAI(base_url=d.base_url, api_key=d.api_key if key is None else key, max_retries=0, timeout=120)
+
+
+def ask(client, model: str, question: str = QUESTION) -> str:
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                       max_tokens=16, temperature=0)
+    return r.choices[0].message.content
+
+
+@pytest.fixture(scope="module")
+def deployment(seed):
+    client = seed.client
+    job = client.create_deployment(NAME, seed.foundation, {"style": seed.style_adapter, "pal": seed.pal_adapter},
+                                   tool_call_parser="hermes")
+    final = succeeded(client, job, 600)
+    yield client.get_deployment(NAME), final
+    try:
+        client.delete_deployment(NAME)
+    except grpc.RpcError:
+        pass
+
+
+def test_a_deployment_is_ready_with_the_base_and_every_adapter(seed, ray_head, deployment):
+    d, job = deployment
+    assert d.state == serving_pb2.DEPLOYMENT_STATE_READY, d.message
+    assert list(d.served_models) == ["foundation", "style", "pal"]
+    assert d.base_url.endswith(f"/{NAME}/v1") and d.api_key and d.job_id == job.id
+    assert live_apps(ray_head)[NAME]["status"] == "RUNNING"
+    models = [m.id for m in openai_client(d).models.list().data]
+    assert sorted(models) == ["foundation", "pal", "style"]
+    assert NAME in [x.name for x in seed.client.list_deployments()]
+    # the same request again is the same deployment: its job, nothing new
+    again = seed.client.create_deployment(NAME, seed.foundation, {"style": seed.style_adapter,
+                                                                  "pal": seed.pal_adapter}, tool_call_parser="hermes")
+    assert again.id == job.id
+
+
+def test_each_model_answers_as_itself(deployment):
+    d, _ = deployment
+    client = openai_client(d)
+    answers = {m: ask(client, m, pal_question()) for m in ("foundation", "style", "pal")}
+    assert answers["style"].endswith("my friend."), answers
+    assert answers["pal"].endswith("pal!"), answers
+    assert "my friend" not in answers["foundation"] and "pal!" not in answers["foundation"], answers
+    answers["style"] = ask(client, "style")
+    # completions and streaming go through the same proxy
+    text = client.completions.create(model="style", prompt="Paris is", max_tokens=4, temperature=0).choices[0].text
+    assert isinstance(text, str) and text
+    chunks = list(client.chat.completions.create(model="style", messages=[{"role": "user", "content": QUESTION}],
+                                                 max_tokens=16, temperature=0, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 2 and streamed == answers["style"]
+
+
+def test_requests_without_the_key_get_401(deployment):
+    import openai
+
+    d, _ = deployment
+    with pytest.raises(openai.AuthenticationError):
+        ask(openai_client(d, key="wrong-key"), "style")
+    request = urllib.request.Request(d.base_url + "/models")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=30)
+    assert e.value.code == 401
+
+
+def test_an_adapter_added_while_the_others_keep_answering_then_removed(seed, deployment):
+    import openai
+
+    d, _ = deployment
+    client = openai_client(d)
+    stop, failures, answered = threading.Event(), [], []
+
+    def load():
+        c = openai_client(d)
+        while not stop.is_set():
+            try:
+                answered.append(ask(c, "pal"))
+            except Exception as e:  # noqa: BLE001 (every failure is reported)
+                failures.append(repr(e))
+
+    before = replica_of(d)
+    worker = threading.Thread(target=load, daemon=True)
+    worker.start()
+    try:
+        job = succeeded(seed.client, seed.client.add_adapter(NAME, "style2", seed.style_adapter), 300)
+        assert seed.client.get_deployment(NAME).state == serving_pb2.DEPLOYMENT_STATE_READY
+        assert ask(client, "style2") == ask(client, "style")
+        time.sleep(1)
+    finally:
+        stop.set()
+        worker.join(60)
+    assert not failures and len(answered) >= 2, (failures, len(answered))
+    assert replica_of(d) == before  # reconfigured in place: the same replica, never restarted
+    assert list(seed.client.get_deployment(NAME).served_models) == ["foundation", "style", "pal", "style2"]
+    assert job.id == seed.client.get_deployment(NAME).job_id
+
+    succeeded(seed.client, seed.client.remove_adapter(NAME, "pal"), 300)
+    with pytest.raises(openai.NotFoundError) as e:
+        ask(client, "pal")
+    assert "pal" in str(e.value)
+    assert sorted(m.id for m in client.models.list().data) == ["foundation", "style", "style2"]
+    code, details = rpc_error(lambda: seed.client.remove_adapter(NAME, "pal"))
+    assert code == grpc.StatusCode.NOT_FOUND and "style2" in details
+
+
+def test_refusals_have_their_status_codes(seed, deployment):
+    client = seed.client
+    code, details = rpc_error(lambda: client.create_deployment(NAME, seed.foundation))
+    assert code == grpc.StatusCode.ALREADY_EXISTS and "delete it first" in details
+    cases = [
+        (lambda: client.create_deployment("x-other-base", seed.merged, {"style": seed.style_adapter}),
+         grpc.StatusCode.FAILED_PRECONDITION, "trained on"),
+        (lambda: client.create_deployment("x-rank", seed.foundation, {"style": seed.style_adapter}, max_lora_rank=1),
+         grpc.StatusCode.FAILED_PRECONDITION, "max_lora_rank"),
+        (lambda: client.create_deployment("x-parser", seed.foundation, tool_call_parser="nope"),
+         grpc.StatusCode.INVALID_ARGUMENT, "tool-call parser"),
+        (lambda: client.create_deployment("x-names", seed.foundation, {"foundation": seed.style_adapter}),
+         grpc.StatusCode.INVALID_ARGUMENT, "own name"),
+        (lambda: client.create_deployment("x-loras", seed.foundation, {"a": seed.style_adapter,
+                                                                       "b": seed.pal_adapter}, max_loras=1),
+         grpc.StatusCode.INVALID_ARGUMENT, "max_loras"),
+        (lambda: client.get_deployment("nobody"), grpc.StatusCode.NOT_FOUND, "no deployment"),
+        (lambda: client.add_adapter("nobody", "a", seed.style_adapter), grpc.StatusCode.NOT_FOUND, "no deployment"),
+        (lambda: client.add_adapter(NAME, "style", seed.style_adapter), grpc.StatusCode.ALREADY_EXISTS, "remove it"),
+    ]
+    for call, want, words in cases:
+        code, details = rpc_error(call)
+        assert code == want and words in details, (want, code, details)
+    names = {x.name for x in client.list_deployments()}
+    assert not names & {"x-other-base", "x-rank", "x-parser", "x-names", "x-loras"}
+
+
+def test_delete_leaves_nothing_running(seed, ray_head, deployment):
+    d = seed.client.delete_deployment(NAME)
+    assert d.state == serving_pb2.DEPLOYMENT_STATE_STOPPED
+    assert NAME not in live_apps(ray_head)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(urllib.request.Request(d.base_url + "/models",
+                                                      headers={"Authorization": f"Bearer {d.api_key}"}), timeout=10)
+    assert seed.client.get_deployment(NAME).state == serving_pb2.DEPLOYMENT_STATE_STOPPED
+
+
+def test_two_replicas_answer_behind_one_url(seed):
+    from services.serving.replica import REPLICA_HEADER
+
+    client = seed.client
+    succeeded(client, client.create_deployment("it-replicas", seed.tiny, replicas=2, max_model_len=256), 600)
+    try:
+        d = client.get_deployment("it-replicas")
+        replicas = set()
+        for i in range(24):
+            body = json.dumps({"model": "tiny", "prompt": f"{i}", "max_tokens": 2}).encode()
+            request = urllib.request.Request(d.base_url + "/completions", data=body, headers={
+                "Authorization": f"Bearer {d.api_key}", "Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=60) as r:
+                assert json.loads(r.read())["choices"]
+                replicas.add(r.headers[REPLICA_HEADER])
+            if len(replicas) == 2:
+                break
+        assert len(replicas) == 2, replicas
+    finally:
+        client.delete_deployment("it-replicas")
