@@ -16,6 +16,7 @@ from services.cli.commands import (
     jobs,
     merge,
     quantize,
+    serve,
     stack,
     train,
 )
@@ -31,6 +32,7 @@ app.add_typer(jobs.jobs_app, name="jobs")
 app.add_typer(data.data_app, name="data")
 app.add_typer(train.train_app, name="train")
 app.add_typer(evaluate.eval_app, name="eval")
+app.add_typer(serve.serve_app, name="serve")
 
 
 @app.callback()

@@ -175,8 +175,8 @@ class ServingService:
     # ------------------------------------------------------------------ checks
     def _check(self, spec: DeploymentSpec, resources: Resources | None,
                pinned: DeploymentSpec | None = None) -> ServeJobSpec:
-        name = validate_name(spec.name, "spec.name")
         model = self.artifacts.require(spec.model, "spec.model", "model")
+        name = validate_name(spec.name or model.name, "spec.name")  # default: the model's name
         adapters = []
         seen = {model.name}
         for i, module in enumerate(spec.adapters):
