@@ -17,7 +17,7 @@ TRAIN_TESTS := tests/unit/train
 # ... and those that need vLLM: the serve venv's interpreter.
 SERVE_TESTS := tests/unit/serve
 
-.PHONY: .test-control .test-workers help foundation smollm2 lm-eval-index setup setup-promptfoo setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-quantize bench-prepare bench-generate up down status clean
+.PHONY: .test-control .test-workers help foundation smollm2 lm-eval-index setup setup-promptfoo setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-quantize bench-prepare bench-generate bench-serve up down status clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -117,6 +117,9 @@ bench-quantize: setup-quantize fixtures ## Quantize memory: the job's offloaded 
 
 bench-prepare: setup-control ## Prepare throughput and peak memory on 100k examples, against bare json.loads
 	$(VPY) -m bench.prepare_throughput
+
+bench-serve: setup-control protos fixtures setup-serve ## Serving: a deployment against HF generate, 4 adapters against 1, time to READY
+	$(LOOPBACK) $(VPY) -m bench.serve
 
 bench-generate: setup-control protos fixtures setup-serve ## Synthetic generation: the job against bare vLLM
 	$(LOOPBACK) $(VPY) -m bench.generate

@@ -156,6 +156,14 @@ def engine_args(model_dir: str, device: str, max_model_len: int = MAX_MODEL_LEN,
     return {**args, "enforce_eager": True, "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "dtype": "float32"}
 
 
+def engine_dtype(device: str, quantized: bool) -> str:
+    """The activations' dtype on the engine. CPU: a full-precision model runs in float32 on its weights as stored
+    (vLLM would pick bf16); a quantized checkpoint runs in the 16-bit dtype it was calibrated for (its config's,
+    "auto"), because its kernels have no float32 form (vLLM's CPUWNA16 W4A16 GEMM: "not implemented for 'Float'").
+    GPU: always the checkpoint's own."""
+    return "float32" if device == "cpu" and not quantized else "auto"
+
+
 def offline_env(device: str) -> dict[str, str]:
     """What an in-process vLLM (`LLM`) needs in os.environ before it is imported: the offline switches, and on CPU
     the settings of vLLM's CPU build."""

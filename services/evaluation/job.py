@@ -107,19 +107,23 @@ class LmEvalSetup:
                            system_instruction=system_instruction, seed=seed)
 
 
+TARGET_KEY_ENV = "TUNERY_EVAL_TARGET_API_KEY"  # the target's API key, in promptfoo's environment only
+
+
 def run_suite(label: str, served: str, base_url: str, cases: list, user: dict | None, spec: EvalJobSpec,
-              work: Path, timeout_s: float) -> tuple[list[dict[str, Any]], list[Path]]:
+              work: Path, timeout_s: float, api_key: str = "") -> tuple[list[dict[str, Any]], list[Path]]:
     from services.evaluation.promptfoo_run import build_config, run, user_suite_config
 
     sampling = spec.sampling.model_dump()
+    key_env, env = (TARGET_KEY_ENV, {TARGET_KEY_ENV: api_key}) if api_key else (None, None)
     tests, raw = [], []
-    for part, config in (("cases", build_config(cases, base_url=base_url, model=served, sampling=sampling)
-                          if cases else None),
-                         ("user", user_suite_config(user, base_url=base_url, model=served, sampling=sampling)
-                          if user else None)):
+    for part, config in (("cases", build_config(cases, base_url=base_url, model=served, sampling=sampling,
+                                                api_key_env=key_env) if cases else None),
+                         ("user", user_suite_config(user, base_url=base_url, model=served, sampling=sampling,
+                                                    api_key_env=key_env) if user else None)):
         if config is None:
             continue
-        result = run(config, work / f"{label}-{part}", timeout_s=timeout_s)
+        result = run(config, work / f"{label}-{part}", timeout_s=timeout_s, env=env)
         raw += [result.out_json, result.config_path]
         for r in result.results:
             t = {"id": r.case_id + (f"@{r.prompt_label}" if part == "user" and r.prompt_label else ""),
@@ -202,12 +206,24 @@ def endpoint_target(spec: EvalJobSpec, lm_eval: bool) -> Target:
                                 "remote_tokenizer": lm_eval and endpoint_tokenizer(base_url, api_key)})
 
 
-def engine_dtype(device: str, quantized: bool) -> str:
-    """The activations' dtype on the engine. CPU: a full-precision model runs in float32 on its weights as stored
-    (vLLM would pick bf16); a quantized checkpoint runs in the 16-bit dtype it was calibrated for (its config's,
-    "auto"), because its kernels have no float32 form (vLLM's CPUWNA16 W4A16 GEMM: "not implemented for 'Float'").
-    GPU: always the checkpoint's own."""
-    return "float32" if device == "cpu" and not quantized else "auto"
+def deployment_target(ctx: JobContext, spec: EvalJobSpec, lm_eval: bool) -> Target:
+    """A live deployment: no engine of our own. Its key and its engine's controls come from its record (written by
+    the serving job when it went READY), so the report states the deployment's engine, precision and adapter."""
+    from services.core.deployments import read_record
+
+    t = spec.target
+    record = read_record(ctx.artifacts, t.deployment)
+    if record is None or record.get("state") != "READY":
+        ctx.fail(f"deployment {t.deployment} is {record.get('state') if record else 'gone'}; evaluate a READY one")
+    model = ctx.artifacts.resolve(t.model)
+    parents = [model.ref()] + ([ctx.artifacts.resolve(t.adapter).ref()] if t.adapter else [])
+    controls = dict(record.get("controls") or {})
+    controls |= {"deployment": t.deployment, "served_model": t.served_model,
+                 "adapter": t.adapter.uri if t.adapter else ""}
+    model_dir = ctx.artifacts.materialize(model.ref(), ctx.settings.cache_dir)
+    return Target(runs=[("run", t.served_model)], parents=parents, base_url=record["base_url"], controls=controls,
+                  harness_args={"tokenizer": str(model_dir), "max_length": 2048, "device": "cpu",
+                                "api_key": record["api_key"]})
 
 
 def served_target(ctx: JobContext, spec: EvalJobSpec, work: Path) -> Target:
@@ -215,7 +231,7 @@ def served_target(ctx: JobContext, spec: EvalJobSpec, work: Path) -> Target:
     on and off are two names on one engine."""
     import torch
 
-    from services.core.vllm import ServerSpec, VLLMServer, engine_info, tool_call_parser_for
+    from services.core.vllm import ServerSpec, VLLMServer, engine_dtype, engine_info, tool_call_parser_for
 
     t, cache = spec.target, ctx.settings.cache_dir
     model = ctx.artifacts.resolve(t.model)
@@ -271,7 +287,8 @@ def run_one(ctx: JobContext, spec: EvalJobSpec, suite: Suite, target: Target, la
     if answered != served:
         ctx.fail(f"asked for {served!r} but {answered!r} answered; the run would not measure the target")
     t0 = time.monotonic()
-    tests, raw = run_suite(label, served, target.base_url, suite.cases, suite.user, spec, work, timeout_s=3600)
+    tests, raw = run_suite(label, served, target.base_url, suite.cases, suite.user, spec, work, timeout_s=3600,
+                           api_key=target.harness_args.get("api_key") or "")
     harness = None
     if suite.lm_eval is not None:
         ctx.phase(f"lm-eval on {served}")
@@ -327,7 +344,9 @@ def evaluate(ctx: JobContext, spec: EvalJobSpec) -> None:
     suite = Suite.load(ctx, spec)
     work = Path(tempfile.mkdtemp(prefix="tunery-eval-"))
     try:
-        target = (endpoint_target(spec, suite.lm_eval is not None) if spec.target.kind == "endpoint"
+        kind = spec.target.kind
+        target = (endpoint_target(spec, suite.lm_eval is not None) if kind == "endpoint"
+                  else deployment_target(ctx, spec, suite.lm_eval is not None) if kind == "deployment"
                   else served_target(ctx, spec, work))
         target.controls |= {"sampling": spec.sampling.model_dump(), "suite_sha256": suite.sha256,
                             "lm_eval": suite.lm_eval.controls if suite.lm_eval else None}

@@ -19,11 +19,12 @@ from typing import Any
 from pydantic import Field
 
 from services.core.artifacts import ArtifactRef, ArtifactStore, Manifest
-from services.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.core.job_api import JobService
 from services.core.jobs import JobRecord, JobRunner, Resources, SubmitOptions
 from services.core.keys import validate_name
 from services.core.settings import ServiceSettings, port_field
+from services.core.specs import OpenAIEndpointSpec
 from services.evaluation import scoring
 from services.evaluation.spec import EvalJobSpec, LmEvalSpec, SuiteSpec, TargetSpec
 
@@ -84,7 +85,44 @@ class EvaluationService:
         if r.status_code >= 400:
             raise FailedPrecondition(f"spec.target.endpoint: {base_url}/models answered HTTP {r.status_code}")
 
+    def _deployment(self, t: TargetSpec) -> tuple[TargetSpec, Manifest]:
+        """A live deployment: its record gives the URL and what it serves; it must be READY and answer with its key
+        (the key itself stays in the store: the job reads it there)."""
+        import requests
+
+        from services.core.deployments import read_record
+
+        name = validate_name(t.deployment, "spec.target.deployment.name")
+        record = read_record(self.artifacts, name)
+        if record is None:
+            raise NotFound(f"spec.target.deployment: no deployment named {name} in project {self.artifacts.project}")
+        if record.get("state") != "READY":
+            raise FailedPrecondition(f"spec.target.deployment: {name} is {record.get('state')}; evaluate a READY "
+                                     "deployment (tunery serve get shows why it is not)")
+        d = record["spec"]
+        adapters = {a["name"]: a["adapter"] for a in d.get("adapters") or []}
+        served = t.served_model or d["served_name"]
+        if served != d["served_name"] and served not in adapters:
+            raise NotFound(f"spec.target.deployment.model: {name} serves no model named {served!r}; it serves "
+                           f"{', '.join([d['served_name'], *adapters])}")
+        try:
+            r = requests.get(record["base_url"] + "/models", timeout=self.settings.endpoint_check_timeout_s,
+                             headers={"Authorization": f"Bearer {record['api_key']}"})
+            listed = [m["id"] for m in r.json().get("data", [])] if r.ok else []
+        except (requests.RequestException, ValueError) as e:
+            raise FailedPrecondition(f"spec.target.deployment: {name} does not answer at {record['base_url']} "
+                                     f"({type(e).__name__}); tunery serve get {name}") from e
+        if served not in listed:
+            raise FailedPrecondition(f"spec.target.deployment: {name} does not list {served!r} at "
+                                     f"{record['base_url']}/models (HTTP {r.status_code}); tunery serve get {name}")
+        model = self.artifacts.require(ArtifactRef(**d["model"]), "spec.target.deployment", "model")
+        adapter = ArtifactRef(**adapters[served]) if served in adapters else None
+        return t.model_copy(update={"served_model": served, "model": model.ref(), "adapter": adapter,
+                                    "endpoint": OpenAIEndpointSpec(base_url=record["base_url"], model=served)}), model
+
     def _target(self, t: TargetSpec) -> tuple[TargetSpec, Manifest | None]:
+        if t.kind == "deployment":
+            return self._deployment(t)
         if t.kind == "endpoint":
             if t.endpoint is None or t.endpoint.problem():
                 raise InvalidArgument.field("spec.target.endpoint", "needs an http(s) base_url and a model name")
@@ -203,7 +241,7 @@ class EvaluationService:
                                      "standard task's dataset, or a hub dataset or metric in the task files), "
                                      "which this deployment's eval workers cannot reach (TUNERY_EVALUATION_LM_EVAL_HUB"
                                      "=false); give local task files with the data instead")
-        if target.kind == "endpoint":
+        if target.kind in ("endpoint", "deployment"):
             scored = [r.name for r in resolved if r.output_types & lm_eval_tasks.LOGLIKELIHOOD_TYPES]
             if scored and not self._endpoint_tokenizes(target.endpoint.base_url, target.endpoint.api_key_env):
                 raise FailedPrecondition(

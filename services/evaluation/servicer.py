@@ -48,7 +48,9 @@ def target_from_pb(t: ev.EvalTarget) -> dict[str, Any]:
         e = t.endpoint
         return {"kind": "endpoint", "endpoint": {"base_url": e.base_url, "model": e.model,
                                                  "api_key_env": e.api_key_env}}
-    raise InvalidArgument.field("spec.target", "give one of model, adapter, prompted or endpoint")
+    if form == "deployment":
+        return {"kind": "deployment", "deployment": t.deployment.name, "served_model": t.deployment.model}
+    raise InvalidArgument.field("spec.target", "give one of model, adapter, prompted, endpoint or deployment")
 
 
 def lm_eval_from_pb(s: ev.EvalSuite) -> dict[str, Any] | None:
@@ -102,7 +104,9 @@ def controls_to_pb(c: dict[str, Any]) -> ev.EvalControls:
         sampling=pb.SamplingParams(temperature=s.get("temperature", 0.0), top_p=s.get("top_p", 1.0),
                                    max_tokens=s.get("max_tokens", 0), seed=s.get("seed", 0)),
         suite_sha256=c.get("suite_sha256", ""), tool_call_parser=c.get("tool_call_parser", ""),
-        lm_eval_version=(c.get("lm_eval") or {}).get("version", ""))
+        lm_eval_version=(c.get("lm_eval") or {}).get("version", ""), deployment=c.get("deployment", ""),
+        served_model=c.get("served_model", ""), adapter=c.get("adapter", ""),
+        precision_detail=c.get("precision", ""))
 
 
 def lm_eval_to_pb(tasks: dict[str, Any]) -> list[ev.LmEvalTaskResult]:

@@ -9,13 +9,14 @@ from pydantic import BaseModel, Field
 from services.core.artifacts import ArtifactRef
 from services.core.specs import OpenAIEndpointSpec
 
-TargetKind = Literal["model", "adapter", "prompted", "endpoint"]
+TargetKind = Literal["model", "adapter", "prompted", "endpoint", "deployment"]
 HeldoutAssertion = Literal["exact", "contains", "regex", "json_schema", "json_fields", "similarity", "rubric"]
 
 
 class TargetSpec(BaseModel):
     """What answers: a model artifact (base, merged, quantized), base + adapter on one engine, base + system
-    prompt + k-shot (the prompting baseline), or an external OpenAI-compatible endpoint."""
+    prompt + k-shot (the prompting baseline), an external OpenAI-compatible endpoint, or a live deployment (its
+    URL, key and engine controls from its record; the service fills in `endpoint`, `model` and `adapter`)."""
 
     kind: TargetKind
     model: ArtifactRef | None = None
@@ -24,6 +25,8 @@ class TargetSpec(BaseModel):
     few_shot_k: int = Field(0, ge=0, le=32)
     few_shot_dataset: ArtifactRef | None = None
     endpoint: OpenAIEndpointSpec | None = None
+    deployment: str = ""                             # kind deployment: its name ...
+    served_model: str = ""                           # ... and the model it serves to evaluate ("" = the base)
 
 
 class LmEvalSpec(BaseModel):

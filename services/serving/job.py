@@ -36,8 +36,7 @@ def replica_config(spec: ServeJobSpec, api_key: str) -> dict:
 
     return {"name": d.name, "model": d.model.model_dump(), "served_name": d.served_name,
             "max_loras": d.max_loras, "max_lora_rank": lora_rank_bucket(d.max_lora_rank or 16),
-            "tool_call_parser": d.tool_call_parser, "dtype": {"fp32": "float32", "bf16": "bfloat16",
-                                                              "fp16": "float16"}.get(d.dtype, "auto"),
+            "tool_call_parser": d.tool_call_parser, "dtype": d.engine_dtype,
             "max_model_len": d.max_model_len, "device": d.device,
             "kv_cache_bytes": d.kv_cache_bytes or CPU_KV_CACHE_BYTES,
             "gpu_memory_utilization": d.gpu_memory_utilization or GPU_MEMORY_UTILIZATION,
@@ -72,6 +71,8 @@ def application(spec: ServeJobSpec, api_key: str):
     version = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     gpus = d.tensor_parallel_size if d.device == "cuda" else 0
     actor = {"num_cpus": d.cpus_per_replica, "num_gpus": gpus, "runtime_env": replica_runtime_env()}
+    if d.replica_resources:  # on serve-role nodes (their image has vLLM), as the role's jobs are
+        actor["resources"] = d.replica_resources
     scaling = {"autoscaling_config": scale_to_zero(d)} if d.scale_to_zero else {"num_replicas": d.replicas}
     deployment = serve.deployment(
         VLLMReplica, name=INGRESS, user_config=user_config(d),
@@ -129,8 +130,28 @@ def deploy(ctx: JobContext, spec: ServeJobSpec) -> None:
     if status != "RUNNING":
         records.put(record.model_copy(update={"state": "FAILED", "message": message}))
         ctx.fail(f"{d.name} did not start: {message}")
-    records.put(record.model_copy(update={"state": "READY", "message": ""}))
+    records.put(record.model_copy(update={"state": "READY", "message": "", "controls": controls(ctx, d)}))
     ctx.event(f"{d.name} is READY at {spec.base_url}; models: {', '.join(d.served_models())}")
+
+
+def controls(ctx: JobContext, d: DeploymentSpec) -> dict:
+    """The engine's controls as an eval job's report records them for its own engine, so a report of this
+    deployment compares with one of the same model evaluated the usual way (services.evaluation.job)."""
+    from services.core.settings import RaySettings
+    from services.core.vllm import engine_info
+
+    model = ctx.artifacts.resolve(d.model)
+    names = {f.path for f in model.files}
+    wanted = [p for p in ("chat_template.jinja", "tokenizer_config.json") if p in names]
+    model_dir = ctx.artifacts.materialize(model.ref(), ctx.settings.cache_dir, paths=wanted)
+    template = (model_dir / "chat_template.jinja").read_text() if "chat_template.jinja" in wanted else (
+        json.loads((model_dir / "tokenizer_config.json").read_text()).get("chat_template", "") or ""
+        if "tokenizer_config.json" in wanted else "")
+    info = engine_info(RaySettings().python_for("serve"))
+    return {"engine": info["engine"], "engine_version": info["version"],
+            "precision": f"{d.engine_dtype} ({model.metadata.get('dtype', '?')} weights)",
+            "quantization": d.quantization, "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+            "tool_call_parser": d.tool_call_parser, "lora_enabled": True}
 
 
 def wait_running(ctx: JobContext, spec: ServeJobSpec) -> tuple[str, str]:

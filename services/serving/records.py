@@ -5,17 +5,18 @@ whole (the store's puts are atomic), so a reader never sees half a record."""
 from __future__ import annotations
 
 from services.core.artifacts import ArtifactStore
+from services.core.deployments import record_key
 from services.core.errors import NotFound
 from services.serving.spec import DeploymentRecord
 
 
 class DeploymentRecords:
     def __init__(self, artifacts: ArtifactStore):
-        self.store = artifacts.objects
-        self.prefix = artifacts.key("deployments") + "/"
+        self.artifacts, self.store = artifacts, artifacts.objects
+        self.prefix = record_key(artifacts, "x")[: -len("x.json")]
 
     def _key(self, name: str) -> str:
-        return f"{self.prefix}{name}.json"
+        return record_key(self.artifacts, name)
 
     def get(self, name: str) -> DeploymentRecord | None:
         try:

@@ -27,10 +27,10 @@ from pydantic import Field
 from services.core.artifacts import ArtifactStore, Manifest
 from services.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.core.job_api import JobService
-from services.core.jobs import JobRecord, JobRunner, JobState, Resources, SubmitOptions
+from services.core.jobs import JobRecord, JobRunner, JobState, Resources, SubmitOptions, check_resources
 from services.core.keys import validate_name
 from services.core.settings import ServiceSettings, port_field
-from services.core.vllm import lora_rank_bucket
+from services.core.vllm import engine_dtype, lora_rank_bucket
 from services.serving.records import DeploymentRecords
 from services.serving.spec import DEFAULT_MAX_LORAS, DeploymentRecord, DeploymentSpec, LoraModule, ServeJobSpec
 
@@ -71,6 +71,8 @@ class ServingService:
 
     # ------------------------------------------------------------------ create / change / delete
     async def create(self, spec: DeploymentSpec, options: SubmitOptions) -> JobRecord:
+        if options.resources is not None:
+            check_resources(options.resources)  # a replica's resources: NaN, negatives, absurd sizes refused
         resources = options.resources or Resources(cpus=self.settings.replica_cpus)
         existing: list[JobRecord] = []
 
@@ -129,6 +131,10 @@ class ServingService:
         record = await asyncio.to_thread(self._record, name)
         if record.state == "STOPPED":
             return record
+        if record.job_id:  # a deployment still starting (a replica no node can place, say): its job stops too
+            last = await asyncio.to_thread(self.runner.get, record.job_id, with_spec=False)
+            if not last.state.is_terminal():
+                await asyncio.to_thread(self.runner.cancel, record.job_id, f"deployment {name} deleted")
         job = await self._submit("serving.delete", self._job_spec(record.spec), SubmitOptions())
         final = await asyncio.to_thread(self._wait, job.id, self.settings.delete_timeout_s)
         if final.state != JobState.SUCCEEDED:
@@ -211,15 +217,21 @@ class ServingService:
                 f"spec.adapters: {model.id} is quantized ({model.metadata.get('quantization') or 'form quantized'}) "
                 "and vLLM has open bugs on LoRA over quantized bases; serve the adapters on the full-precision base, "
                 "or merge the adapter and serve its quantized merge")
+        quantization = str(model.metadata.get("quantization") or "")
         resolved = spec.model_copy(update={
-            "name": name, "model": model.ref(), "served_name": model.name,
+            "name": name, "model": model.ref(), "served_name": model.name, "quantization": quantization,
             "adapters": [LoraModule(name=n, adapter=m.ref()) for n, m in adapters],
             "max_loras": max_loras, "max_lora_rank": max_rank})
         if pinned is not None:
             resolved = pinned.model_copy(update={"adapters": resolved.adapters})
         elif resources is not None:
+            device = "cuda" if resources.gpus > 0 else "cpu"
+            dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(spec.dtype) or \
+                engine_dtype(device, bool(quantization))  # the precision an eval job's own engine runs at
+            custom = dict(resources.custom) | ({"tunery_serve": 0.001} if self.settings.role_resources else {})
             resolved = resolved.model_copy(update={
-                "cpus_per_replica": resources.cpus, "device": "cuda" if resources.gpus > 0 else "cpu",
+                "cpus_per_replica": resources.cpus, "device": device, "engine_dtype": dtype,
+                "replica_resources": custom,
                 "tensor_parallel_size": max(spec.tensor_parallel_size, int(resources.gpus) or 1)})
         return self._job_spec(resolved)
 

@@ -46,8 +46,11 @@ class DeploymentSpec(BaseModel):
     max_lora_rank: int = Field(0, ge=0, le=LORA_RANKS[-1], description="0: the largest adapter's rank, at least 16")
     # filled in by the service
     served_name: str = ""          # the base's model name (the model artifact's name)
+    engine_dtype: str = "auto"     # the activations' dtype on the engine (services.core.vllm.engine_dtype)
+    quantization: str = ""         # the model's scheme, "" for full precision
     device: Literal["cpu", "cuda"] = "cpu"
     cpus_per_replica: float = 1.0
+    replica_resources: dict[str, float] = Field(default_factory=dict)  # Ray custom resources (tunery_serve)
 
     @field_validator("tool_call_parser")
     @classmethod
@@ -97,5 +100,7 @@ class DeploymentRecord(BaseModel):
     message: str = ""
     base_url: str = ""
     job_id: str = ""
+    # the engine's controls, as an eval report records them (engine, version, precision, template, parser, LoRA)
+    controls: dict = Field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0

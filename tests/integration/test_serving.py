@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from services.gen.tunery.v1 import serving_pb2
-from tests.session import rpc_error, succeeded
+from tests.session import job_events, rpc_error, succeeded
 
 NAME = "it-serve"
 QUESTION = "What is the capital of France?"
@@ -98,6 +98,34 @@ def test_each_model_answers_as_itself(deployment):
                                                  max_tokens=16, temperature=0, stream=True))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(chunks) > 2 and streamed == answers["style"]
+
+
+def test_the_evaluation_service_targets_the_deployment(seed, deployment):
+    """An eval job against the live deployment (promptfoo's openai provider through Serve's proxy, with the key):
+    no engine of its own, the deployment's engine, precision and adapter in the report's controls."""
+    from services.gen.tunery.v1 import common_pb2 as pb
+    from services.gen.tunery.v1 import evaluation_pb2 as ev
+    from services.sdk.client import ref
+
+    client = seed.client
+    target = ev.EvalTarget(deployment=ev.DeploymentTarget(name=NAME, model="style"))
+    suite = ev.EvalSuite(heldout_dataset=ref(seed.style), heldout_assertion=ev.ASSERTION_TYPE_CONTAINS,
+                         max_tests_per_block=6)
+    job = succeeded(client, client.submit_eval(target, suite, name="it-serve-style"), 600)
+    report = client.eval_report(job.outputs[-1].uri)
+    c = report.controls
+    assert (c.deployment, c.served_model, c.adapter, c.engine) == (NAME, "style", seed.style_adapter, "vllm")
+    assert c.engine_version and c.precision_detail.startswith("float32") and c.chat_template_sha256
+    [target_block] = [b for b in report.blocks if b.block == ev.EVAL_BLOCK_TARGET]
+    assert target_block.total == 6 and target_block.passed >= 4, target_block  # the style, through the proxy
+    texts = [e.text for e in job_events(client, job.id)]
+    assert not any("vLLM server up" in t for t in texts), texts
+    # refused up front: a model the deployment does not serve, a deployment that does not exist
+    for t, want in ((ev.DeploymentTarget(name=NAME, model="nope"), grpc.StatusCode.NOT_FOUND),
+                    (ev.DeploymentTarget(name="nobody"), grpc.StatusCode.NOT_FOUND)):
+        code, _ = rpc_error(lambda t=t: client.submit_eval(ev.EvalTarget(deployment=t), suite))
+        assert code == want
+    assert pb.JOB_STATE_SUCCEEDED == job.state
 
 
 def test_requests_without_the_key_get_401(deployment):
@@ -209,3 +237,51 @@ def test_two_replicas_answer_behind_one_url(seed):
         assert len(replicas) == 2, replicas
     finally:
         client.delete_deployment("it-replicas")
+
+
+def running_replicas(ray_head, name: str) -> int:
+    deployment = live_apps(ray_head)[name]["deployments"]["vllm"]
+    return sum(1 for r in deployment.get("replicas") or [] if r.get("state") == "RUNNING")
+
+
+def test_scale_to_zero_and_back_on_the_next_request(seed, ray_head):
+    from tests.servers import wait_for
+
+    client = seed.client
+    succeeded(client, client.create_deployment("it-zero", seed.tiny, scale_to_zero=True, idle_timeout_s=5,
+                                               max_model_len=256), 600)
+    try:
+        d = client.get_deployment("it-zero")
+        assert d.state == serving_pb2.DEPLOYMENT_STATE_READY and running_replicas(ray_head, "it-zero") == 0
+        body = json.dumps({"model": "tiny", "prompt": "1", "max_tokens": 2}).encode()
+        request = urllib.request.Request(d.base_url + "/completions", data=body, headers={
+            "Authorization": f"Bearer {d.api_key}", "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=300) as r:  # Serve holds it while a replica starts
+            assert json.loads(r.read())["choices"]
+        assert running_replicas(ray_head, "it-zero") == 1
+        wait_for(lambda: running_replicas(ray_head, "it-zero") == 0, 180, interval=2, what="scaled to zero")
+    finally:
+        client.delete_deployment("it-zero")
+
+
+def test_a_replica_no_node_can_place_stays_starting_with_the_reason(seed):
+    """A deployment asking for a GPU the cluster lacks: STARTING, with Serve's reason naming what it waits for (as
+    a queued job would); deleting it stops its job too."""
+    from services.gen.tunery.v1 import common_pb2 as pb
+    from tests.servers import wait_for
+
+    client = seed.client
+    options = pb.SubmitOptions(resources=pb.Resources(cpus=0.5, gpus=1))
+    job = client.create_deployment("it-gpu", seed.tiny, options=options)
+    try:
+        def waiting():
+            d = client.get_deployment("it-gpu")
+            assert d.state == serving_pb2.DEPLOYMENT_STATE_STARTING, (d.state, d.message)
+            return "GPU" in d.message and d
+
+        d = wait_for(waiting, 120, interval=2, what="Serve's reason")
+        assert "scheduled" in d.message or "resources" in d.message.lower(), d.message
+    finally:
+        assert client.delete_deployment("it-gpu").state == serving_pb2.DEPLOYMENT_STATE_STOPPED
+    final = client.wait(job.id, 60)
+    assert final.state == pb.JOB_STATE_CANCELLED, final.state_reason

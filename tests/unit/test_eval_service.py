@@ -190,7 +190,7 @@ def test_gates_given_in_part_take_the_defaults_for_the_rest_and_bad_ones_are_nam
 
 
 def test_the_engine_dtype_is_selected_by_device_and_form():
-    from services.evaluation.job import engine_dtype
+    from services.core.vllm import engine_dtype
 
     assert engine_dtype("cpu", quantized=False) == "float32"  # full precision on CPU: the weights as stored
     assert engine_dtype("cpu", quantized=True) == "auto"      # W4A16's CPU kernel has no float32 form

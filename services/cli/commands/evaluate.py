@@ -15,10 +15,13 @@ ASSERTION_NAMES = {"exact": 1, "contains": 2, "regex": 3, "json_schema": 4, "sim
 
 
 def _eval_target(model: str, adapter: str, system_prompt: str, few_shot: int, few_shot_dataset: str,
-                 endpoint: str, endpoint_model: str, api_key_env: str):
+                 endpoint: str, endpoint_model: str, api_key_env: str, deployment: str = ""):
     from services.gen.tunery.v1 import evaluation_pb2 as ev
     from services.sdk.client import ref
 
+    if deployment:  # NAME or NAME/MODEL (the base's name or an adapter's)
+        name, _, served = deployment.partition("/")
+        return ev.EvalTarget(deployment=ev.DeploymentTarget(name=name, model=served))
     if endpoint:
         return ev.EvalTarget(endpoint=pb.OpenAIEndpoint(base_url=endpoint, model=endpoint_model,
                                                         api_key_env=api_key_env))
@@ -46,6 +49,7 @@ def eval_run(
     endpoint: str = typer.Option("", help="Or an OpenAI-compatible base URL (with --endpoint-model)."),
     endpoint_model: str = typer.Option(""),
     api_key_env: str = typer.Option(""),
+    deployment: str = typer.Option("", help="Or a live deployment: NAME, or NAME/MODEL for an adapter it serves."),
     heldout: str = typer.Option("", help="Target tests from this prepared dataset's held-out split."),
     assertion: str = typer.Option("contains", help=", ".join(ASSERTION_NAMES)),
     facts: str = typer.Option("", help="General block: an artifact holding facts.jsonl."),
@@ -75,7 +79,7 @@ def eval_run(
         err.print(f"--assertion must be one of {', '.join(ASSERTION_NAMES)}")
         raise typer.Exit(2)
     target = _eval_target(model, adapter, system_prompt, few_shot, few_shot_dataset, endpoint, endpoint_model,
-                          api_key_env)
+                          api_key_env, deployment)
     s = ev.EvalSuite(promptfoo_yaml=Path(suite).read_text() if suite else "", tool_calling=tools,
                      heldout_assertion=ASSERTION_NAMES[assertion], max_tests_per_block=max_tests,
                      heldout_dataset=ref(heldout) if heldout else None, fact_probes=bool(facts),
