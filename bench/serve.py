@@ -57,7 +57,7 @@ HF = r"""
 import json, sys, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 src, prompts, new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # the replica's 1 CPU (vLLM CPU runs OMP_NUM_THREADS=1 there)
 tok = AutoTokenizer.from_pretrained(src); tok.padding_side = "left"
 model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
 texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)

@@ -96,13 +96,21 @@ def app_status(name: str):
     return str(app.status.value if hasattr(app.status, "value") else app.status), "; ".join(m for m in messages if m)
 
 
-def connect(spec: ServeJobSpec) -> None:
+def connect(spec: ServeJobSpec) -> str:
+    """Serve on the cluster (started with the spec's HTTP options if it is not running yet); the deployment's
+    base_url from where Serve's proxy really listens (a running Serve keeps its own options)."""
     import ray
     from ray import serve
+    from ray.serve.context import _get_global_client
 
     if not ray.is_initialized():
         ray.init(log_to_driver=False)
     serve.start(http_options={"host": spec.http_host, "port": spec.http_port}, proxy_location="HeadOnly")
+    if spec.public_url:
+        return spec.base_url
+    http = _get_global_client().http_config  # Ray 2.60: the running proxy's HTTPOptions (no public getter)
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "::", "") else http.host
+    return f"http://{host}:{http.port}/{spec.deployment.name}/v1"
 
 
 def deploy(ctx: JobContext, spec: ServeJobSpec) -> None:
@@ -115,7 +123,7 @@ def deploy(ctx: JobContext, spec: ServeJobSpec) -> None:
     if record is None:  # the service writes it (with the key) before it submits
         ctx.fail(f"deployment {d.name} has no record in the store; create it again")
     # setup
-    connect(spec)
+    base_url = connect(spec)
     app = application(spec, record.api_key)
     what = "changing the adapters of" if spec.action == "adapters" else "deploying"
     ctx.event(f"{what} {d.name}: {d.served_name} + {len(d.adapters)} adapter(s) "
@@ -126,12 +134,12 @@ def deploy(ctx: JobContext, spec: ServeJobSpec) -> None:
     status, message = wait_running(ctx, spec)
     # save
     record = record.model_copy(update={"spec": d, "job_id": ctx.job_id, "updated_at": time.time(),
-                                       "base_url": spec.base_url})
+                                       "base_url": base_url})
     if status != "RUNNING":
         records.put(record.model_copy(update={"state": "FAILED", "message": message}))
         ctx.fail(f"{d.name} did not start: {message}")
     records.put(record.model_copy(update={"state": "READY", "message": "", "controls": controls(ctx, d)}))
-    ctx.event(f"{d.name} is READY at {spec.base_url}; models: {', '.join(d.served_models())}")
+    ctx.event(f"{d.name} is READY at {base_url}; models: {', '.join(d.served_models())}")
 
 
 def controls(ctx: JobContext, d: DeploymentSpec) -> dict:
