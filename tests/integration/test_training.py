@@ -218,6 +218,8 @@ def test_bad_requests_are_refused_and_nothing_is_queued(client, base_and_data, s
         ({"lora": {"target_modules": ["q_proj", "qkv"]}}, grpc.StatusCode.INVALID_ARGUMENT, "qkv not found"),
         ({"max_seq_len": 100_000}, grpc.StatusCode.INVALID_ARGUMENT, "context of 512"),
         ({"base_model": data}, grpc.StatusCode.FAILED_PRECONDITION, "not a model"),
+        # more workers than the head's CPUs hold (they are placed on one node): refused with the sum, not a hang
+        ({"num_workers": 8}, grpc.StatusCode.FAILED_PRECONDITION, "the largest node has"),
     ]
     before = {j.id for j in client.list_jobs()}
     for over, code, words in cases:
