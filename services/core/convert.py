@@ -7,7 +7,7 @@ from typing import Any
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from services.core.artifacts import ArtifactRef, Manifest
-from services.core.errors import InvalidArgument
+from services.core.errors import FieldViolation, InvalidArgument
 from services.core.jobs import JobEvent, JobRecord, JobState, Resources, SubmitOptions
 from services.gen.tunery.v1 import common_pb2 as pb
 
@@ -115,3 +115,34 @@ def enum_name(names: dict[int, str], value: int, field: str) -> str:
         return names[value]
     raise InvalidArgument.field(field, f"{value} is not a known value (known: "
                                 f"{', '.join(f'{k} ({v})' for k, v in sorted(names.items()))})")
+
+
+def unknown_enums(msg, prefix: str = "") -> list[FieldViolation]:
+    """Every enum field of a request (nested messages, lists and maps too) whose number the enum does not define.
+    proto3 enums are open: a newer client's or a fuzzer's number would otherwise reach the service and quietly
+    become a default (`dedup: 77`). Paths as the protos name them: `spec.dedup`, `spec.tests[2].type`."""
+    from google.protobuf.descriptor import FieldDescriptor as FD
+
+    def bad(fd, value, path: str) -> list[FieldViolation]:
+        if value in fd.enum_type.values_by_number:
+            return []
+        known = ", ".join(f"{v.name} ({v.number})" for v in fd.enum_type.values)
+        return [FieldViolation(path, f"{value} is not a known {fd.enum_type.name} (known: {known})")]
+
+    out: list[FieldViolation] = []
+    for fd, value in msg.ListFields():
+        path = f"{prefix}{fd.name}"
+        if fd.type == FD.TYPE_ENUM:
+            for i, v in enumerate(value) if fd.is_repeated else [(None, value)]:
+                out += bad(fd, v, path if i is None else f"{path}[{i}]")
+        elif fd.type == FD.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry:
+            vfd = fd.message_type.fields_by_name["value"]
+            for key, v in value.items():
+                if vfd.type == FD.TYPE_ENUM:
+                    out += bad(vfd, v, f"{path}[{key!r}]")
+                elif vfd.type == FD.TYPE_MESSAGE:
+                    out += unknown_enums(v, f"{path}[{key!r}].")
+        elif fd.type == FD.TYPE_MESSAGE:
+            for i, m in enumerate(value) if fd.is_repeated else [(None, value)]:
+                out += unknown_enums(m, f"{path}." if i is None else f"{path}[{i}].")
+    return out

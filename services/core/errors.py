@@ -5,7 +5,28 @@ Nothing here imports grpc: the mapping lives in services.core.server.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+# What an error may echo of a request. A value is shown up to ECHO_CHARS characters ("… (N chars)" after), a
+# message up to MESSAGE_CHARS, a field violation's description up to DESCRIPTION_CHARS and at most VIOLATIONS of
+# them: the status then fits the trailers a client accepts (grpc's 8 KiB soft / 16 KiB hard metadata limits; the
+# message travels twice, as grpc-message and inside grpc-status-details-bin), so a long bad value still comes back
+# as the INVALID_ARGUMENT it is, not as RESOURCE_EXHAUSTED. Logs cap the same way (services.core.logs).
+ECHO_CHARS = 120
+MESSAGE_CHARS = 1500
+DESCRIPTION_CHARS = 300
+VIOLATIONS = 10
+_LONG_RUN = re.compile(r"\S{%d,}" % (ECHO_CHARS + 40))
+
+
+def shorten(text: str, limit: int = MESSAGE_CHARS) -> str:
+    """`text` with every unbroken run longer than ECHO_CHARS + 40 characters (an echoed value: a path, a name, a
+    token) cut to its first ECHO_CHARS, then the whole cut to `limit`, each cut saying how long it was."""
+    text = _LONG_RUN.sub(lambda m: f"{m.group(0)[:ECHO_CHARS]}… ({len(m.group(0)):,} chars)", text)
+    if len(text) > limit:
+        text = f"{text[:limit - 24]}… ({len(text):,} chars)"
+    return text
 
 
 @dataclass(frozen=True)
@@ -23,6 +44,12 @@ class TuneryError(Exception):
     code = "INTERNAL"
 
     def __post_init__(self) -> None:
+        self.message = shorten(self.message)
+        more = len(self.violations) - VIOLATIONS
+        self.violations = [FieldViolation(shorten(v.field, ECHO_CHARS + 40), shorten(v.description, DESCRIPTION_CHARS))
+                           for v in self.violations[:VIOLATIONS]]
+        if more > 0:
+            self.message = shorten(f"{self.message} (and {more} more problems)")
         super().__init__(self.message)
 
     def __str__(self) -> str:

@@ -9,7 +9,12 @@ import os
 import sys
 import time
 
+from services.core.errors import shorten
+
 job_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("job_id", default="")
+
+
+LOG_CHARS = 4000  # of a log line's message (a traceback, in "exc", is kept whole)
 
 
 class JsonFormatter(logging.Formatter):
@@ -18,7 +23,7 @@ class JsonFormatter(logging.Formatter):
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": shorten(record.getMessage(), LOG_CHARS),  # an echoed request value never floods the log
         }
         job_id = getattr(record, "job_id", "") or job_id_var.get()
         if job_id:

@@ -20,7 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
-from services.core.errors import TuneryError
+from services.core.convert import unknown_enums
+from services.core.errors import InvalidArgument, TuneryError
 from services.core.settings import ServiceSettings
 
 log = logging.getLogger("tunery.server")
@@ -52,6 +53,13 @@ def _status(err: TuneryError) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=code, message=err.message, details=details))
 
 
+def check_enums(request) -> None:
+    """Every RPC refuses enum numbers its protos do not define, naming the fields (before the servicer runs)."""
+    violations = unknown_enums(request)
+    if violations:
+        raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in violations), violations)
+
+
 def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
     async def on_error(e: Exception, context) -> None:
         if isinstance(e, TuneryError):
@@ -66,6 +74,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
 
         async def unary(request, context):
             try:
+                check_enums(request)
                 return await inner(request, context)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
@@ -79,6 +88,7 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
 
         async def stream(request, context):
             try:
+                check_enums(request)
                 async for item in inner_stream(request, context):
                     yield item
             except (grpc.aio.AbortError, asyncio.CancelledError):

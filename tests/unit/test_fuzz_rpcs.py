@@ -10,6 +10,7 @@ The outside run that found the INTERNALs (about 10,000 requests) is reproduced b
 from __future__ import annotations
 
 import math
+import re
 from collections import Counter
 
 import grpc
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 
 from services.cli.stack import health
 from services.core.artifacts import ArtifactStore
+from services.core.convert import unknown_enums
 from services.core.runtime import Runtime
 from services.core.store import LocalObjectStore
 from services.datagen.service import DatagenSettings
@@ -73,8 +75,9 @@ SERVICES = {  # name: (settings, build, pb2 module, grpc module, service name in
     "serving": (ServingSettings, build_serving, serving_pb2, serving_pb2_grpc, "ServingService"),
 }
 NOT_A_BUG = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+MAX_DETAILS = 2000  # characters of an error message a client gets
 
-ODD_STRINGS = ["", " ", "/", "/" + "a" * 100_000, "a" * 5000, "/tmp/x\x00y", "../../etc/passwd", "/etc/passwd",
+ODD_STRINGS = ["", " ", "/", "/" + "a" * 100_000, "a" * 5000, "B!" * 12_000, "hf://" + "c" * 30_000, "/tmp/x\x00y", "../../etc/passwd", "/etc/passwd",
                "/proc/self/environ", "s3://bucket/key", "hf://org/name", "hf://", "file:///etc", "http://127.0.0.1:1/x",
                "model-0123456789ab", "dataset-x", "adapter-x", "artifact:x", "é" * 300, "{}", "[]", "null", "NaN",
                "-1", "1e309", "lora", "qlora", "dora", "cuda", "cpu", "bf16", "*", "%s%n", "\n\r\t", "🙂"]
@@ -198,6 +201,12 @@ def test_fuzzed_requests_never_reach_internal(stack, service, method):
         code, details = call(stack, service, method, request)
         seen.append(code)
         assert code not in NOT_A_BUG, f"{svc}.{method} answered {code.name}: {details}\nrequest: {request}"
+        # an error that echoes a long value must still reach the client as itself (#11.3): not RESOURCE_EXHAUSTED
+        # for trailers over the client's limit, and a message of a readable size
+        assert not (code == grpc.StatusCode.RESOURCE_EXHAUSTED and "metadata" in details), (svc, method, details)
+        assert len(details) <= MAX_DETAILS, (svc, method, len(details), details[:300])
+        if unknown_enums(request):  # a number its enum does not define is refused, whatever else is wrong
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (svc, method, code, details)
 
     one()
     ports, _, artifacts = stack
@@ -230,8 +239,23 @@ CASES = [  # the outside run's INTERNALs, each a request error naming its field
 ]
 
 
+DP = datagen_pb2
+CASES += [  # #11.3: enum numbers outside the enum quietly became the default; long echoed values overflowed
+    ("datagen", "PrepareDataset", DP.PrepareDatasetRequest(spec=DP.PrepareDatasetSpec(dedup=77)), "spec.dedup"),
+    ("datagen", "PrepareDataset", DP.PrepareDatasetRequest(spec=DP.PrepareDatasetSpec(format=99)), "spec.format"),
+    ("registry", "ListArtifacts", registry_pb2.ListArtifactsRequest(kind=42), "kind"),
+    ("registry", "ImportModel", registry_pb2.ImportModelRequest(
+        spec=registry_pb2.ImportModelSpec(source="hf://" + "c" * 30_000, name="m")), "spec.source"),
+    ("registry", "GetArtifact", registry_pb2.GetArtifactRequest(id="B!" * 12_000), "id"),
+    ("serving", "GetDeployment", serving_pb2.GetDeploymentRequest(name="N" * 20_000), "name"),
+]
+
+
 @pytest.mark.parametrize("service, method, request_, field", CASES,
                          ids=[f"{c[1]}-{c[3]}-{i}" for i, c in enumerate(CASES)])
 def test_the_outside_findings_are_request_errors(stack, service, method, request_, field):
     code, details = call(stack, service, method, request_)
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details, (code, details)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details, (code, details[:500])
+    assert len(details) <= MAX_DETAILS, len(details)
+    # a long value is shown cut ("… (N chars)") or only by its length, never whole
+    assert not re.search(r"\S{200,}", details), details[:500]
