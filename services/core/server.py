@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from services.core.convert import unknown_enums
-from services.core.errors import InvalidArgument, TuneryError
+from services.core.errors import TuneryError, check
 from services.core.settings import ServiceSettings
 
 log = logging.getLogger("tunery.server")
@@ -55,9 +55,7 @@ def _status(err: TuneryError) -> grpc.Status:
 
 def check_enums(request) -> None:
     """Every RPC refuses enum numbers its protos do not define, naming the fields (before the servicer runs)."""
-    violations = unknown_enums(request)
-    if violations:
-        raise InvalidArgument("; ".join(f"{v.field}: {v.description}" for v in violations), violations)
+    check(unknown_enums(request))
 
 
 def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:

@@ -18,8 +18,9 @@ SERVICE_NAMES = ("registry", "datagen", "training", "merging", "quantization", "
 E2E_BUCKET = "tunery-e2e"
 
 
-def tunery(env, *args, check=True, timeout=300, cwd=REPO):
-    out = subprocess.run([TUNERY, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+def tunery(env, *args, check=True, timeout=300, cwd=REPO, input=None):
+    out = subprocess.run([TUNERY, *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                         input=input)
     if check and out.returncode != 0:
         raise AssertionError(f"tunery {' '.join(args)} -> {out.returncode}\n{out.stdout}\n{out.stderr}")
     return out

@@ -138,17 +138,12 @@ def test_get_deployment_shows_vllm_figures(seed, deployment):
 def cli(seed, tmp_path, *args, stdin: str | None = None, check: bool = True):
     """The `tunery` CLI of a user pointed at this module's servers (addresses and token from the environment)."""
     import os
-    import subprocess
-    import sys
-    from pathlib import Path
+
+    from tests.e2e.conftest import tunery
 
     env = {**os.environ, "TUNERY_HOME": str(tmp_path), "TUNERY_TOKEN": seed.client.token,
            "COLUMNS": "200", **{f"TUNERY_{k.upper()}_ADDR": v for k, v in seed.client.endpoints.items()}}
-    out = subprocess.run([str(Path(sys.executable).with_name("tunery")), *args], env=env, input=stdin,
-                         capture_output=True, text=True, timeout=600)
-    if check:
-        assert out.returncode == 0, (args, out.returncode, out.stdout, out.stderr)
-    return out
+    return tunery(env, *args, check=check, timeout=600, input=stdin)
 
 
 def test_the_cli_drives_the_deployment(seed, deployment, tmp_path):

