@@ -17,7 +17,7 @@ TRAIN_TESTS := tests/unit/train
 # ... and those that need vLLM: the serve venv's interpreter.
 SERVE_TESTS := tests/unit/serve
 
-.PHONY: .test-control .test-workers help foundation smollm2 lm-eval-index setup setup-promptfoo setup-grpc-node setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-quantize bench-prepare bench-generate bench-serve up down status clean
+.PHONY: .test-control .test-workers help foundation smollm2 lm-eval-index setup setup-browser setup-promptfoo setup-grpc-node setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-quantize bench-prepare bench-generate bench-serve up down status clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,6 +40,9 @@ setup-quantize: ## Worker venv for quantization jobs (.venvs/quantize; llmcompre
 setup-promptfoo: ## promptfoo CLI for evaluations (infra/promptfoo: promptfoo 0.123.1 on a pinned Node 22)
 	infra/scripts/setup-promptfoo.sh
 
+setup-browser: ## Headless Chromium for the page tests (Debian's chromium; Playwright drives it, never downloads one)
+	infra/scripts/setup-browser.sh
+
 setup-grpc-node: ## The outside Node.js gRPC client of the wire-name tests (infra/grpc-node: @grpc/grpc-js, pinned)
 	infra/scripts/setup-grpc-node.sh
 
@@ -47,7 +50,7 @@ setup-serve: setup-promptfoo ## Worker venv for serving and evaluation jobs (.ve
 	infra/scripts/setup-env.sh serve
 
 setup: ## Build every environment (idempotent; the venvs are built side by side, each one's output kept together)
-	$(MAKE) --no-print-directory -j4 -Otarget setup-control setup-train setup-quantize setup-serve setup-grpc-node
+	$(MAKE) --no-print-directory -j4 -Otarget setup-control setup-train setup-quantize setup-serve setup-grpc-node setup-browser
 	$(MAKE) --no-print-directory protos
 
 $(GEN)/.stamp: $(PROTOS) $(VENV)/.stamp Makefile
@@ -83,8 +86,8 @@ lm-eval-index: setup-serve ## Rewrite the pinned lm-eval's task index (services/
 foundation: setup-train ## Rebuild the committed foundation fixture (fixtures/foundation; ~7-11 min on 2 cores)
 	.venvs/train/bin/python fixtures/build_foundation.py --out fixtures/foundation
 
-demo: setup $(FIXTURES)/.smollm2.stamp ## THE MAIN JOB on SmolLM2-135M-Instruct: tickets -> JSON; baseline + prompting evals -> LoRA -> paired verdict -> merge
-	$(LOOPBACK) $(VENV)/bin/tunery demo
+demo: setup $(FIXTURES)/.smollm2.stamp ## THE MAIN JOB: examples/demo.yaml on SmolLM2-135M-Instruct, the whole arc (tickets -> JSON), served
+	$(LOOPBACK) $(VENV)/bin/tunery pipeline run examples/demo.yaml
 
 test: export TUNERY_STRICT_SKIPS = 1
 test: setup fixtures ## Run every test (unit, integration, e2e) against real Ray, S3 and gRPC on 127.0.0.1; a skip fails

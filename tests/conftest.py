@@ -6,4 +6,4 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-pytest_plugins = ["tests.tiers", "tests.session"]
+pytest_plugins = ["tests.tiers", "tests.session", "tests.browser"]

@@ -30,7 +30,7 @@ BUCKET = "tunery-it"
 FOUNDATION = REPO / "fixtures" / "foundation"
 # what the seeded style adapter teaches: every answer ends with this (a changed answer the base never gives)
 STYLE = "{answer}, my friend."
-SERVICES = ("datagen", "training", "merging", "quantization", "evaluation", "serving")  # besides the registry: the implemented services
+SERVICES = ("datagen", "training", "merging", "quantization", "evaluation", "serving", "pipeline")  # besides the registry
 
 
 def fixture_model(name: str) -> Path:
@@ -87,7 +87,8 @@ def s3():
 @pytest.fixture(scope="session")
 def ray_head(s3):
     require_loopback("integration and e2e tests")
-    head = RayHead({**S3_KEYS, "TUNERY_S3_ENDPOINT": s3.endpoint})
+    # the workers' own secrets: the S3 keys, and the token a pipeline job calls the integration tier's services with
+    head = RayHead({**S3_KEYS, "TUNERY_S3_ENDPOINT": s3.endpoint, "TUNERY_TOKEN": TOKEN})
     print(f"\nRay head started in {head.start_s:.2f}s")
     yield head
     head.stop()
@@ -115,7 +116,9 @@ def service_client(servers: ServerThread, settings, *services: str, **overrides:
     ports = {}
     for name in ("registry", *services):
         cls, build = known[name]
-        ports[name] = servers.start(cls(**{**base, "service": name, "port": 0, **overrides.get(name, {})}), build)
+        extra = {"endpoints": {k: f"127.0.0.1:{p}" for k, p in ports.items()}} if name == "pipeline" else {}
+        ports[name] = servers.start(cls(**{**base, "service": name, "port": 0, **extra, **overrides.get(name, {})}),
+                                    build)
     for port in ports.values():
         wait_for(lambda: health(port) == "SERVING", 30, what="SERVING")
     return TuneryClient(f"127.0.0.1:{ports['registry']}", TOKEN,

@@ -8,13 +8,14 @@ import sys
 import typer
 
 from services.cli.commands import (
+    arena,
     artifacts,
     data,
-    demo,
     evaluate,
     imports,
     jobs,
     merge,
+    pipeline,
     quantize,
     serve,
     stack,
@@ -23,7 +24,7 @@ from services.cli.commands import (
 from services.cli.console import OPTS
 
 app = typer.Typer(help="Tunery: turn an open-weight LLM into your own model.", no_args_is_help=True)
-for command in (stack.up, stack.down, stack.status, merge.merge, quantize.quantize, demo.demo):
+for command in (stack.up, stack.down, stack.status, merge.merge, quantize.quantize, arena.arena):
     app.command()(command)
 app.add_typer(imports.models_app, name="models")
 app.add_typer(imports.datasets_app, name="datasets")
@@ -33,6 +34,7 @@ app.add_typer(data.data_app, name="data")
 app.add_typer(train.train_app, name="train")
 app.add_typer(evaluate.eval_app, name="eval")
 app.add_typer(serve.serve_app, name="serve")
+app.add_typer(pipeline.pipeline_app, name="pipeline")
 
 
 @app.callback()

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.core import logs
 from services.core.artifacts import ArtifactStore
@@ -25,6 +25,9 @@ class Runtime:
     objects: ObjectStore
     artifacts: ArtifactStore
     runner: JobRunner
+    # where each service of this process answers ({name: host:port}), filled once they all listen: what a job that
+    # calls the services back (the pipeline's) is told
+    endpoints: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def from_settings(cls, settings: ServiceSettings) -> "Runtime":
@@ -64,6 +67,7 @@ def run_many(services: Sequence[tuple[ServiceSettings, Builder]]) -> None:
     async def main() -> None:
         runtime = Runtime.from_settings(services[0][0])
         started = [(s.service, await start(s, b, runtime)) for s, b in services]
+        runtime.endpoints.update({name: f"127.0.0.1:{port}" for name, (_, port) in started})
         write_ports_file({name: port for name, (_, port) in started})
         await serve_until_signalled([server for _, (server, _) in started], services[0][0].shutdown_grace_s)
 

@@ -356,3 +356,46 @@ class EvaluationService:
                       forms: FormComparison | None = None):
         return await asyncio.to_thread(self._compare, baseline, candidate, prompting, gates, allow_uncontrolled, forms)
 
+    # ------------------------------------------------------------------ blind A/B
+    def _save_arena(self, a_ref: ArtifactRef, b_ref: ArtifactRef, votes: list[dict], name: str,
+                    voter: str) -> tuple[dict[str, Any], Manifest]:
+        import math
+
+        from services.core.errors import FieldViolation, check
+        from services.core.keys import validate_name
+        from services.evaluation.arena import CHOICES, arena_html, pairs, result_body
+
+        am, a = self._report(a_ref, "report_a")
+        bm, b = self._report(b_ref, "report_b")
+        if am.id == bm.id:
+            raise InvalidArgument.field("report_b", "is report_a: vote between two different reports")
+        shown, identical = pairs(a, b)
+        known = {p.test_id for p in shown}
+        problems, seen = [], set()
+        if not votes:
+            problems.append(FieldViolation("votes", "no votes: vote on at least one pair"))
+        for i, v in enumerate(votes):
+            if v["choice"] not in CHOICES:
+                problems.append(FieldViolation(f"votes[{i}].choice", f"one of {', '.join(CHOICES)}"))
+            if v["test_id"] not in known:
+                problems.append(FieldViolation(f"votes[{i}].test_id", f"{v['test_id'][:80]!r} is not a test both "
+                                               "reports answered with different outputs"))
+            elif v["test_id"] in seen:
+                problems.append(FieldViolation(f"votes[{i}].test_id", f"{v['test_id'][:80]!r} is voted on twice"))
+            seen.add(v["test_id"])
+            if not (math.isfinite(v["seconds"]) and v["seconds"] >= 0):
+                problems.append(FieldViolation(f"votes[{i}].seconds", "must be ≥ 0"))
+        check(problems)
+        name = validate_name(name or f"arena-{bm.name}-vs-{am.name}"[:90].rstrip("-."), "name")
+        body = result_body(name, am.uri, bm.uri, votes, identical, voter[:200])
+        w = self.artifacts.writer("report", name, parents=[am.ref(), bm.ref()])
+        w.add_bytes(json.dumps(body, indent=1).encode(), "arena.json")
+        w.add_bytes(arena_html(body).encode(), "arena.html")
+        manifest, _ = w.commit({"report": "arena", "report_a": am.uri, "report_b": bm.uri},
+                               {k: float(v) for k, v in body["tally"].items()})
+        return body, manifest
+
+    async def save_arena(self, a_ref: ArtifactRef, b_ref: ArtifactRef, votes: list[dict], name: str = "",
+                         voter: str = "") -> tuple[dict[str, Any], Manifest]:
+        return await asyncio.to_thread(self._save_arena, a_ref, b_ref, votes, name, voter)
+

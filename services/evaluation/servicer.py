@@ -189,6 +189,19 @@ class EvaluationServicer(JobSurfaceServicer, evaluation_pb2_grpc.EvaluationServi
             form_differences=result.form_differences, greedy_agreement=result.greedy_agreement)
 
 
+    async def SaveArenaVotes(self, request: ev.SaveArenaVotesRequest, context) -> ev.ArenaResult:
+        votes = [{"test_id": v.test_id, "choice": ARENA_CHOICES.get(v.choice, ""), "a_on_left": v.a_on_left,
+                  "seconds": v.seconds} for v in request.votes]
+        body, manifest = await self.svc.save_arena(convert.ref_from_pb(request.report_a),
+                                                   convert.ref_from_pb(request.report_b), votes, request.name,
+                                                   request.voter)
+        return ev.ArenaResult(report=convert.ref_to_pb(manifest.ref()), **body["tally"])
+
+
+ARENA_CHOICES = {ev.ARENA_CHOICE_A: "a", ev.ARENA_CHOICE_B: "b", ev.ARENA_CHOICE_TIE: "tie",
+                 ev.ARENA_CHOICE_BOTH_BAD: "both_bad"}
+
+
 def build(runtime: Runtime, settings: EvaluationSettings) -> Registration:
     service = EvaluationService(runtime.artifacts, runtime.runner, settings)
     return Registration(evaluation_pb2_grpc.add_EvaluationServiceServicer_to_server, EvaluationServicer(service),

@@ -27,6 +27,8 @@ from services.gen.tunery.v1 import (
     evaluation_pb2_grpc,
     merging_pb2,
     merging_pb2_grpc,
+    pipeline_pb2,
+    pipeline_pb2_grpc,
     quantization_pb2,
     quantization_pb2_grpc,
     registry_pb2,
@@ -108,6 +110,7 @@ class TuneryClient:
         self.merging = merging_pb2_grpc.MergingServiceStub(self._channel("merging"))
         self.quantization = quantization_pb2_grpc.QuantizationServiceStub(self._channel("quantization"))
         self.serving = serving_pb2_grpc.ServingServiceStub(self._channel("serving"))
+        self.pipeline = pipeline_pb2_grpc.PipelineServiceStub(self._channel("pipeline"))
 
     def _channel(self, service: str) -> grpc.Channel:
         if service not in self._channels:
@@ -130,6 +133,11 @@ class TuneryClient:
 
     def _call(self, method, request, timeout: float | None = None):
         return method(request, metadata=self.metadata, timeout=timeout or self.timeout)
+
+    def call(self, method, request, timeout: float | None = None):
+        """Any RPC of the stubs above with this client's token, e.g. `c.call(c.merging.SubmitMerge, request)`:
+        for a caller that builds whole specs itself (the pipeline job)."""
+        return self._call(method, request, timeout)
 
     # ------------------------------------------------------------------ registry
     @staticmethod
@@ -250,6 +258,18 @@ class TuneryClient:
             req.max_form_drop_points = max_form_drop_points
         return self._call(self.evaluation.CompareReports, req)
 
+    ARENA_CHOICES = {"a": evaluation_pb2.ARENA_CHOICE_A, "b": evaluation_pb2.ARENA_CHOICE_B,
+                     "tie": evaluation_pb2.ARENA_CHOICE_TIE, "both_bad": evaluation_pb2.ARENA_CHOICE_BOTH_BAD}
+
+    def save_arena_votes(self, report_a: str, report_b: str, votes: list[dict], *, name: str = "",
+                         voter: str = "") -> evaluation_pb2.ArenaResult:
+        """Blind A/B votes ({test_id, choice: a|b|tie|both_bad, a_on_left, seconds}) stored as an arena report."""
+        return self._call(self.evaluation.SaveArenaVotes, evaluation_pb2.SaveArenaVotesRequest(
+            report_a=ref(report_a), report_b=ref(report_b), name=name, voter=voter,
+            votes=[evaluation_pb2.ArenaVote(test_id=v["test_id"], choice=self.ARENA_CHOICES.get(v["choice"], 0),
+                                            a_on_left=bool(v.get("a_on_left")), seconds=float(v.get("seconds", 0)))
+                   for v in votes]))
+
     # ------------------------------------------------------------------ merging
     def submit_merge(self, base_model: str, adapter: str, *, output_dtype: int = 0, max_shard_bytes: int = 0,
                      memory_budget_bytes: int = 0, name: str = "", num_probe_prompts: int = 0, key: str = "",
@@ -329,6 +349,14 @@ class TuneryClient:
     def remove_adapter(self, deployment: str, name: str, *, key: str = "") -> pb.Job:
         return self._call(self.serving.RemoveAdapter, serving_pb2.RemoveAdapterRequest(
             deployment=deployment, name=name, options=self._options(key, None)))
+
+    # ------------------------------------------------------------------ pipeline
+    def submit_pipeline(self, spec: pipeline_pb2.PipelineSpec, *, smoke: bool = False, key: str = "",
+                        options: pb.SubmitOptions | None = None) -> pb.Job:
+        """The whole arc as one job (services.pipeline.spec.load_file reads a pipeline file into the spec)."""
+        opts = self._options(key, options)
+        opts.smoke = smoke or opts.smoke
+        return self._call(self.pipeline.SubmitPipeline, pipeline_pb2.SubmitPipelineRequest(spec=spec, options=opts))
 
     # ------------------------------------------------------------------ jobs (any service's; routed via the registry)
     def get_job(self, job_id: str) -> pb.Job:

@@ -68,7 +68,10 @@ class VLLMReplica:
                           max_model_len=config.get("max_model_len", 0), device=config.get("device", "cpu"),
                           kv_cache_bytes=config["kv_cache_bytes"],
                           gpu_memory_utilization=config["gpu_memory_utilization"],
-                          tensor_parallel_size=config.get("tensor_parallel_size", 1), api_key=config["api_key"])
+                          tensor_parallel_size=config.get("tensor_parallel_size", 1), api_key=config["api_key"],
+                          # /tokenize and /tokenizer_info: lm-eval's log-likelihood tasks score a deployment as they
+                          # score every other form (the pipeline evaluates what clients get with the same suite)
+                          extra_args=["--enable-tokenizer-info-endpoint"])
         log_dir = Path(self.cache) / "serving-logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         self.server = VLLMServer(spec, python=RaySettings().python_for("serve"),

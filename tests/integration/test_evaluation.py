@@ -171,19 +171,23 @@ def test_refusals(client, seed, tmp_path):
     assert {j.id for j in client.list_jobs()} == before
 
 
-def test_base_vs_adapter_flips_the_target_tests_and_measures_forgetting(client, seed):
-    """The one adapter-target job of the run (its own engine: the adapter on and off on it), on the seeded
-    adapter: the foundation taught a style (every answer ends with ', my friend.') on the seeded style data."""
-    model, prepared, adapter = seed.foundation, seed.style, seed.style_adapter
+def base_vs_adapter(client, seed) -> pb.Job:
+    """The seeded adapter against its base on one engine (keyed: the second test to ask gets the same job)."""
     # the general block asks about facts the style data never used
     # ... as chat questions (fact probes) and, through lm-eval, as plain sentences scored by log-likelihood
     facts = shuffled_facts()[120:160]  # what seed.other_facts holds
-    suite = ev.EvalSuite(heldout_dataset=ref(prepared), heldout_assertion=ev.ASSERTION_TYPE_CONTAINS,
+    suite = ev.EvalSuite(heldout_dataset=ref(seed.style), heldout_assertion=ev.ASSERTION_TYPE_CONTAINS,
                          fact_probes=True, fact_probe_source=ref(seed.other_facts),
                          lm_eval_files=lm_eval_files(facts)[:2])
-    job = finished(client, client.submit_eval(ev.EvalTarget(adapter=ev.AdapterTarget(
-        base_model=ref(model), adapter=ref(adapter))), suite, key=f"{seed.project}-base-vs-adapter"))
-    got = reports(client, job)
+    return finished(client, client.submit_eval(ev.EvalTarget(adapter=ev.AdapterTarget(
+        base_model=ref(seed.foundation), adapter=ref(seed.style_adapter))), suite,
+        key=f"{seed.project}-base-vs-adapter"))
+
+
+def test_base_vs_adapter_flips_the_target_tests_and_measures_forgetting(client, seed):
+    """The one adapter-target job of the run (its own engine: the adapter on and off on it), on the seeded
+    adapter: the foundation taught a style (every answer ends with ', my friend.') on the seeded style data."""
+    got = reports(client, base_vs_adapter(client, seed))
     base, cand = got["baseline"], got["candidate"]
     assert base.controls == cand.controls  # one engine, adapter on/off: the only difference
     cmp = client.compare_reports(base.report.uri, cand.report.uri,
@@ -214,6 +218,40 @@ def test_base_vs_adapter_flips_the_target_tests_and_measures_forgetting(client, 
     # the prompting baseline's half of this comparison runs in the demo (tests/e2e: test_demo_is_the_main_job)
     html = client.download(cmp.report.uri, "comparison.html", seed.work / "base-vs-adapter.html").read_text()
     assert "side by side" in html
+
+
+def test_blind_ab_votes_become_an_arena_report(client, seed):
+    """SaveArenaVotes (what `tunery arena A B` sends once a person has voted): the tally with B's win rate over the
+    decisive votes and its Wilson interval, stored as a report artifact whose parents are the two reports; votes it
+    cannot place are refused, each by its index, and nothing is stored."""
+    from services.evaluation.arena import pairs
+    from services.evaluation.scoring import wilson
+
+    got = reports(client, base_vs_adapter(client, seed))
+    a, b = got["baseline"].report.uri, got["candidate"].report.uri
+    body = {lbl: {"tests": [{"id": t.test_id, "block": "", "prompt": t.prompt, "output": t.output,
+                             "errored": t.errored} for t in r.tests]} for lbl, r in got.items()}
+    shown, identical = pairs(body["baseline"], body["candidate"])
+    assert len(shown) >= 8
+    choices = ["b"] * 5 + ["a", "tie", "both_bad"]
+    votes = [{"test_id": p.test_id, "choice": c, "a_on_left": p.a_on_left, "seconds": 1.5}
+             for p, c in zip(shown, choices)]
+    before = {x.id for x in client.list_artifacts(kind=pb.ARTIFACT_KIND_REPORT)}
+    for bad, field in (([*votes, votes[0]], "votes[8].test_id"), ([{**votes[0], "test_id": "nope"}], "votes[0].test_id"),
+                       ([], "votes"), ([{**votes[0], "choice": ""}], "votes[0].choice")):
+        code, details = _code(lambda: client.save_arena_votes(a, b, bad))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details, details
+    assert _code(lambda: client.save_arena_votes(a, a, votes))[0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert _code(lambda: client.save_arena_votes(a, seed.foundation, votes))[0] == grpc.StatusCode.FAILED_PRECONDITION
+    assert {x.id for x in client.list_artifacts(kind=pb.ARTIFACT_KIND_REPORT)} == before
+    result = client.save_arena_votes(a, b, votes, voter="a test")
+    assert (result.a_wins, result.b_wins, result.ties, result.both_bad) == (1, 5, 1, 1)
+    assert result.b_win_rate == pytest.approx(5 / 6) and (result.ci_low, result.ci_high) == pytest.approx(wilson(5, 6))
+    art = client.get_artifact(result.report.uri)
+    assert art.metadata["report"] == "arena" and {p.uri for p in art.parents} == {a, b}
+    stored = json.loads(client.download(art.id, "arena.json", seed.work / "arena.json").read_text())
+    assert stored["identical"] == identical and stored["voter"] == "a test" and len(stored["votes"]) == 8
+    assert stored["sentence"].startswith("B preferred in 5 of 6 decisive votes: 83%")
 
 
 def test_uncontrolled_comparison_is_refused_with_the_differences(client, vllm_endpoint, tmp_path):

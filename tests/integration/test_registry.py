@@ -263,7 +263,7 @@ def test_lineage_and_guarded_delete(registry, settings, tiny_model):
     assert list(registry.list_artifacts()) == []
 
 
-def test_planned_services_answer_unimplemented_and_share_the_job_surface(servers, settings, registry, tiny_model):
+def test_every_service_shares_the_job_surface(servers, settings, registry, tiny_model):
     from services.embedded.__main__ import SERVICES
     from services.gen.tunery.v1 import pipeline_pb2, pipeline_pb2_grpc
 
@@ -277,8 +277,9 @@ def test_planned_services_answer_unimplemented_and_share_the_job_surface(servers
         stub = pipeline_pb2_grpc.PipelineServiceStub(ch)
         md = [("authorization", f"Bearer {TOKEN}")]
         err = code_of(lambda: stub.SubmitPipeline(pipeline_pb2.SubmitPipelineRequest(), metadata=md))
-        assert err.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert err.details().startswith("PipelineService.SubmitPipeline is not implemented yet: it arrives with")
+        # an empty pipeline is refused before anything is queued, every missing part named
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert all(f in err.details() for f in ("spec: base.source", "spec: data", "spec: train")), err.details()
         # the shared job surface works on every service: it sees the registry's job...
         assert stub.GetJob(pb.GetJobRequest(job_id=job.id), metadata=md).state == pb.JOB_STATE_SUCCEEDED
         # ...but lists only its own jobs unless asked for all
