@@ -560,8 +560,8 @@ def pipeline_job(ctx: JobContext, spec: PipelineJobSpec) -> None:
     # save
     p.save()
     if p.gate and p.gate["verdict"] != "PASS" and not (spec.smoke or p.spec.force):
-        ctx.fail(f"the gates failed: {'; '.join(p.gate['reasons'][:3])}; nothing was merged, quantized or served "
-                 "(the report says why; --force runs past the gates)")
+        ctx.fail(f"the gates failed: {broken(p.gate['reasons'])}; nothing was merged, quantized or served (the report "
+                 "says why; --force runs past the gates)")
 
 
 def main() -> None:

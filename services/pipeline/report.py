@@ -18,8 +18,10 @@ from services.gen.tunery.v1 import evaluation_pb2
 if TYPE_CHECKING:
     from services.pipeline.job import Pipeline
 
-# the lineage picture's order: each role's box, left to right
-LINEAGE = ("base", "raw", "generated", "dataset", "fact_probes", "training_mix", "adapter", "merged")
+# the lineage picture: the line from the base to what is served, left to right (each box made from the one before
+# it, with the base's tokenizer and weights); the other inputs are named under it
+LINEAGE = ("base", "dataset", "training_mix", "adapter", "merged")
+INPUTS = ("raw", "generated", "fact_probes")
 
 
 def _blocks(report: evaluation_pb2.EvalReport) -> dict[str, dict]:
@@ -140,7 +142,10 @@ def render_html(d: dict, loss_png: bytes = b"") -> str:
         out.append(f"<p class='ERROR'>{_e(d['error'])}</p>")
     out += [f"<ul>{''.join(f'<li>{_e(r)}</li>' for r in d['gates'].get('reasons', []))}"
             f"{''.join(f'<li><em>{_e(n)}</em></li>' for n in d['notes'])}</ul>"]
-    out.append("<h2>Lineage</h2>" + _lineage_svg(d["artifacts"], d["forms"], d["deployment"]))
+    inputs = [f"{k.replace('_', ' ')} <code>{_e(d['artifacts'][k])}</code>" for k in INPUTS if d["artifacts"].get(k)]
+    out.append("<h2>Lineage</h2><div style='overflow-x:auto'>" + _lineage_svg(d["artifacts"], d["forms"],
+                                                                               d["deployment"]) + "</div>"
+               + (f"<p><small>inputs: {', '.join(inputs)}</small></p>" if inputs else ""))
     blocks = sorted({b for r in d["blocks"].values() for b in r})
     if blocks:
         out.append("<h2>Every form, block by block</h2><table id='forms'><tr><th>form</th>"

@@ -45,7 +45,10 @@ def default_endpoints() -> dict[str, str]:
 
 
 def pipeline_id(spec: dict, smoke: bool) -> str:
-    digest = hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:10]
+    """`<name>[-smoke]-<10 hex>` of the spec without `force`: a forced re-run of a pipeline whose gates failed is the
+    next attempt of the same pipeline, and re-attaches to the stages that ran."""
+    body = {k: v for k, v in spec.items() if k != "force"}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:10]
     return f"{spec.get('name') or 'pipeline'}{'-smoke' if smoke else ''}-{digest}"
 
 

@@ -147,6 +147,11 @@ def test_the_service_names_pipelines_and_their_attempts(tmp_path):
     assert second.id == f"{first.id}-r2"  # the next attempt; its stages re-attach
     runner.set_state(second.id, JobState.SUCCEEDED)
     assert submit(svc, spec).id == second.id
+    runner.set_state(second.id, JobState.FAILED)  # say its gates failed: --force is its next attempt
+    spec.force = True
+    forced = submit(svc, spec)
+    assert forced.id == f"{first.id}-r3" and PipelineJobSpec.model_validate(forced.spec).spec["force"] is True
+    spec.force = False
     spec.train.epochs = 1
     assert submit(svc, spec).id not in (first.id, second.id)  # another spec is another pipeline
     assert submit(svc, spec, key="mine").id == "mine"
