@@ -46,7 +46,7 @@ def test_a_client_generated_from_the_protos_calls_every_service(seed, tmp_path):
     from tests.session import SERVICES
 
     endpoints = {name: seed.client.endpoints[name] for name in ("registry", *SERVICES)}  # the run's servers
-    assert len(endpoints) == 7
+    assert len(endpoints) == 8  # every service, the pipeline too
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run([sys.executable, "main.py", seed.client.token, *(f"{k}={v}" for k, v in endpoints.items())],
                          cwd=out, env=env, capture_output=True, text=True, timeout=120)
