@@ -19,6 +19,12 @@ SERVICE_PORTS: dict[str, int] = {"registry": 50051, "datagen": 50052, "training"
                                  "quantization": 50055, "evaluation": 50056, "serving": 50057, "pipeline": 50058}
 
 
+def default_endpoints() -> dict[str, str]:
+    """Where each service answers by default: TUNERY_<SERVICE>_ADDR, else 127.0.0.1:<its default port>."""
+    return {name: os.environ.get(f"TUNERY_{name.upper()}_ADDR", f"127.0.0.1:{port}")
+            for name, port in SERVICE_PORTS.items()}
+
+
 def tunery_home() -> Path:
     """$TUNERY_HOME, default ~/.tunery: the embedded stack's state, token, logs, local store and cache."""
     return Path(os.environ.get("TUNERY_HOME") or Path.home() / ".tunery")

@@ -190,6 +190,13 @@ class Pipeline:
         self.deployment: dict = {}
         self.sampling = self.spec.sampling if self.spec.HasField("sampling") else DEFAULT_SAMPLING
 
+    @property
+    def work(self) -> Path:
+        """The job's scratch folder for the files it downloads (the mix's parts, the holdout, the loss curve)."""
+        path = Path(self.ctx.settings.cache_dir) / "pipeline" / self.job.pipeline_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def name(self, suffix: str = "") -> str:
         base = self.spec.name or "pipeline"
         return f"{base}{'-' + suffix if suffix else ''}{'-smoke' if self.smoke else ''}"
@@ -240,8 +247,7 @@ class Pipeline:
     def training_mix(self, prepared: str, extras: list[str], base: str) -> str:
         """The prepared train split with the train_extra datasets mixed in (never held out, never tested), as a raw
         dataset of this job's own (identical content: the same artifact again), then prepared without holdout."""
-        work = Path(self.ctx.settings.cache_dir) / "pipeline" / self.job.pipeline_id
-        work.mkdir(parents=True, exist_ok=True)
+        work = self.work
         parts = [self.c.download(prepared, "train.jsonl", work / "train.jsonl").read_text()]
         for uri in extras:
             art = self.c.get_artifact(uri)
@@ -487,7 +493,7 @@ class Pipeline:
         """One request through the openai client, as a user's program sends it: the first held-out prompt."""
         from openai import OpenAI
 
-        work = Path(self.ctx.settings.cache_dir) / "pipeline" / self.job.pipeline_id
+        work = self.work
         rows = self.c.download(self.made["dataset"], "holdout.jsonl", work / "holdout.jsonl").read_text().splitlines()
         messages = json.loads(rows[0])["messages"] if rows else [{"role": "user", "content": "Hello!"}]
         while messages and messages[-1]["role"] == "assistant":
@@ -518,7 +524,7 @@ class Pipeline:
         adapter = self.made.get("adapter")
         if not adapter or "loss_curve.png" not in {f.path for f in self.c.get_artifact(adapter).files}:
             return b""
-        work = Path(self.ctx.settings.cache_dir) / "pipeline" / self.job.pipeline_id
+        work = self.work
         return self.c.download(adapter, "loss_curve.png", work / "loss_curve.png").read_bytes()
 
     def save(self, error: str = "") -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 
 from pydantic import Field
@@ -20,7 +19,7 @@ from services.core.errors import FailedPrecondition, FieldViolation, NotFound, c
 from services.core.hostpaths import host_path
 from services.core.job_api import JobService
 from services.core.jobs import JobRecord, JobRunner, JobState, Resources, SubmitOptions
-from services.core.settings import SERVICE_PORTS, ServiceSettings, port_field
+from services.core.settings import ServiceSettings, default_endpoints, port_field
 from services.pipeline.spec import URL, PipelineJobSpec, check_id, spec_problems
 from services.gen.tunery.v1 import pipeline_pb2
 
@@ -37,11 +36,6 @@ class PipelineSettings(ServiceSettings):
     pipeline_cpus: float = Field(0.0, ge=0, description="CPUs the pipeline job asks Ray for: none by default, it "
                                  "only waits on the stage jobs, which ask for their own (a share would keep a stage "
                                  "that asks for every CPU from ever starting)")
-
-
-def default_endpoints() -> dict[str, str]:
-    return {name: os.environ.get(f"TUNERY_{name.upper()}_ADDR", f"127.0.0.1:{port}")
-            for name, port in SERVICE_PORTS.items()}
 
 
 def pipeline_id(spec: dict, smoke: bool) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from services.core.settings import SERVICE_PORTS, tunery_home
+from services.core.settings import default_endpoints, tunery_home
 from services.gen.tunery.v1 import common_pb2 as pb
 from services.gen.tunery.v1 import (
     datagen_pb2,
@@ -93,8 +93,7 @@ class TuneryClient:
 
     def __init__(self, target: str = "", token: str | None = None, *, endpoints: dict[str, str] | None = None,
                  timeout: float = 30.0):
-        self.endpoints = {name: os.environ.get(f"TUNERY_{name.upper()}_ADDR", f"127.0.0.1:{port}")
-                          for name, port in SERVICE_PORTS.items()}
+        self.endpoints = default_endpoints()
         self.endpoints.update(endpoints or {})
         if target:
             self.endpoints["registry"] = target
