@@ -17,7 +17,7 @@ TRAIN_TESTS := tests/unit/train
 # ... and those that need vLLM: the serve venv's interpreter.
 SERVE_TESTS := tests/unit/serve
 
-.PHONY: .test-control .test-workers help foundation smollm2 lm-eval-index setup setup-browser setup-promptfoo setup-grpc-node setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-quantize bench-prepare bench-generate bench-serve up down status clean
+.PHONY: .test-control .test-workers help foundation smollm2 lm-eval-index setup setup-browser setup-promptfoo setup-grpc-node setup-llama-cpp setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-quantize bench-prepare bench-generate bench-serve up down status clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -34,8 +34,11 @@ setup-control: $(VENV)/.stamp ## Control-plane venv (.venv): services, CLI, test
 setup-train: ## Worker venv for training jobs (.venvs/train; torch CPU, transformers, peft, trl, bitsandbytes)
 	infra/scripts/setup-env.sh train
 
-setup-quantize: ## Worker venv for quantization jobs (.venvs/quantize; llmcompressor, gguf)
+setup-quantize: setup-llama-cpp ## Worker venv for quantization jobs (.venvs/quantize; llmcompressor, gguf) + llama.cpp
 	infra/scripts/setup-env.sh quantize
+
+setup-llama-cpp: ## llama.cpp's converter and prebuilt CPU libllama for the GGUF schemes (build/llama-cpp; npm, pinned)
+	infra/scripts/setup-llama-cpp.sh
 
 setup-promptfoo: ## promptfoo CLI for evaluations (infra/promptfoo: promptfoo 0.123.1 on a pinned Node 22)
 	infra/scripts/setup-promptfoo.sh

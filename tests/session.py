@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 import uuid
 from functools import cached_property
 from pathlib import Path
@@ -31,6 +32,11 @@ FOUNDATION = REPO / "fixtures" / "foundation"
 # what the seeded style adapter teaches: every answer ends with this (a changed answer the base never gives)
 STYLE = "{answer}, my friend."
 SERVICES = ("datagen", "training", "merging", "quantization", "evaluation", "serving", "pipeline")  # besides the registry
+
+
+# where the integration tier's tests keep the files they import by server path: pytest's temporary folders and the
+# checkout (its fixtures); anything else is outside the services' import roots, as on a real stack
+IMPORT_ROOTS = os.pathsep.join([tempfile.gettempdir(), str(REPO)])
 
 
 def fixture_model(name: str) -> Path:
@@ -100,7 +106,8 @@ def service_settings(s3, ray_head, project: str, cache_dir: Path):
     return RegistrySettings(
         project=project, store_url=f"s3://{BUCKET}", s3_endpoint=s3.endpoint,
         s3_access_key=S3_KEYS["TUNERY_S3_ACCESS_KEY"], s3_secret_key=S3_KEYS["TUNERY_S3_SECRET_KEY"],
-        ray_address=ray_head.address, auth_tokens=TOKEN, host="127.0.0.1", port=0, cache_dir=cache_dir)
+        ray_address=ray_head.address, auth_tokens=TOKEN, host="127.0.0.1", port=0, cache_dir=cache_dir,
+        import_roots=IMPORT_ROOTS)
 
 
 def service_client(servers: ServerThread, settings, *services: str, **overrides: dict):
@@ -129,7 +136,9 @@ def succeeded(client, job, timeout: float = 600):
     from services.gen.tunery.v1 import common_pb2 as pb
 
     final = client.wait(job.id, timeout)
-    assert final.state == pb.JOB_STATE_SUCCEEDED, (pb.JobState.Name(final.state), final.state_reason)
+    if final.state != pb.JOB_STATE_SUCCEEDED:  # the job's own last words, whole (the state reason is capped)
+        tail = "\n".join(e.text for e in list(client.watch(job.id, follow=False))[-4:])
+        raise AssertionError(f"{job.id} {pb.JobState.Name(final.state)}: {final.state_reason}\n{tail}")
     return final
 
 

@@ -12,10 +12,12 @@ from google.protobuf import json_format
 from rich.console import Console
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     Progress,
     TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 
 from services.cli import stack
@@ -98,6 +100,30 @@ BAR_COLUMNS = 40  # what the bar, the percentage and the time left take of a lin
 def cut(text: str, width: int) -> str:
     """`text` whole if it fits in `width` characters, else cut with an ellipsis (never wrapped mid-phrase)."""
     return text if len(text) <= width else text[: max(width - 1, 0)] + "…"
+
+
+class UploadBar:
+    """Bytes sent and the rate while a local file or folder goes to the store (the SDK's `progress` callback);
+    nothing under --json."""
+
+    def __init__(self, what: str):
+        self.what, self.progress, self.task = what, None, None
+
+    def __enter__(self) -> "UploadBar":
+        if not OPTS["json"]:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(bar_width=20), DownloadColumn(),
+                                     TransferSpeedColumn(), TimeRemainingColumn(), console=err)
+            self.progress.start()
+            self.task = self.progress.add_task(f"upload {self.what}", total=None)
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
 
 
 def render_watch(c: TuneryClient, job_id: str, after: int = 0) -> None:

@@ -261,6 +261,15 @@ class ArtifactStore:
                                           f.size, f"{m.id}/{f.path}", field="artifact")
         return out
 
+    def fetch_blob(self, entry: FileEntry, target: Path, where: str = "") -> Path:
+        """One file's blob saved to `target`, verified against its sha256 (IntegrityError otherwise)."""
+        target.parent.mkdir(parents=True, exist_ok=True)
+        self.objects.get_file(self.blob_key(entry.sha256), target)
+        got = sha256_file(target)
+        if got != entry.sha256:
+            raise IntegrityError(f"{where}{entry.path}: sha256 {got} does not match the expected {entry.sha256}")
+        return target
+
     def materialize(self, ref: ArtifactRef | str, cache_dir: Path, paths: Iterable[str] | None = None) -> Path:
         """Download an artifact's files into cache_dir/<project>/<id>, each verified against its sha256.
         `paths` limits it to those files that exist (a tokenizer without the weights, say), in a folder of
@@ -280,12 +289,7 @@ class ArtifactStore:
         tmp.mkdir(parents=True)
         try:
             for f in files:
-                target = tmp / validate_relpath(f.path)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                self.objects.get_file(self.blob_key(f.sha256), target)
-                got = sha256_file(target)
-                if got != f.sha256:
-                    raise IntegrityError(f"{m.id}/{f.path}: sha256 {got} does not match the manifest's {f.sha256}")
+                self.fetch_blob(f, tmp / validate_relpath(f.path), f"{m.id}/")
             (tmp / ".tunery-complete").write_text(m.sha256)
             if dest.exists():
                 shutil.rmtree(dest)

@@ -80,6 +80,12 @@ class ResourceExhausted(TuneryError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class PermissionDenied(TuneryError):
+    """The caller is known, but what it asks for is not theirs to have (a server path outside the import roots)."""
+
+    code = "PERMISSION_DENIED"
+
+
 class Unauthenticated(TuneryError):
     code = "UNAUTHENTICATED"
 

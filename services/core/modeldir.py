@@ -13,6 +13,7 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +40,31 @@ def load_json(path: Path, what: str) -> Any:
         raise InvalidArgument.field(what, f"{path.name} is not UTF-8 (byte {e.start})") from None
 
 
-def quick_check(source: str, allow_trust_remote_code: bool) -> dict[str, Any]:
-    """The checks worth answering synchronously with a precise status. Returns the parsed config."""
-    path = host_path(source, "spec.source", hint=" (or hf://org/name)")
+def quick_check(source: str, allow_trust_remote_code: bool, roots: Sequence[Path]) -> dict[str, Any]:
+    """The checks worth answering synchronously with a precise status, on a folder of this host under `roots`.
+    Returns the parsed config."""
+    path = host_path(source, "spec.source", roots=roots, hint=" (or hf://org/name, s3://bucket/prefix/, or upload it)")
     if not path.is_dir():
         raise InvalidArgument.field("spec.source", f"{source} is a file; give the model's directory")
+    return check_dir(path, source, allow_trust_remote_code)
+
+
+def check_dir(path: Path, source: str, allow_trust_remote_code: bool) -> dict[str, Any]:
+    """A model folder's config and code checks (the folder is one the job has: a materialised upload, a copy)."""
     if not (path / "config.json").is_file():
-        found = sorted(p.name for p in path.iterdir())[:8]
-        raise InvalidArgument.field(
-            "spec.source", f"{source} is not a Hugging Face model directory: no config.json (found: {', '.join(found) or 'nothing'})")
-    config = load_json(path / "config.json", "spec.source")
+        raise InvalidArgument.field("spec.source", f"{source} is not a Hugging Face model directory: it has no "
+                                    "config.json beside its weights")
+    return check_config(load_json(path / "config.json", "spec.source"), [p.name for p in path.iterdir()],
+                        source, allow_trust_remote_code)
+
+
+def check_config(config: Any, names: Sequence[str], source: str, allow_trust_remote_code: bool) -> dict[str, Any]:
+    """What a model's config.json and its file names must pass, wherever the files are (a folder, an upload)."""
     if not isinstance(config, dict):
         raise InvalidArgument.field("spec.source", "config.json must hold a JSON object")
     if not (config.get("model_type") or config.get("architectures")):
         raise InvalidArgument.field("spec.source", "config.json names no model_type or architectures")
-    if (config.get("auto_map") or any(p.suffix == ".py" for p in path.iterdir())) and not allow_trust_remote_code:
+    if (config.get("auto_map") or any(n.endswith(".py") for n in names)) and not allow_trust_remote_code:
         raise FailedPrecondition(
             f"{source} ships custom code (auto_map / *.py), which would run with trust_remote_code; "
             "review it and set allow_trust_remote_code to import it anyway")
@@ -121,8 +132,8 @@ def render_chat_template(template: str, tok_config: dict[str, Any]) -> str:
         raise InvalidArgument.field("spec.source", f"the chat template does not render: {e}") from None
 
 
-def inspect_model(path: Path, allow_trust_remote_code: bool) -> dict[str, Any]:
-    config = quick_check(str(path), allow_trust_remote_code)
+def inspect_model(path: Path, allow_trust_remote_code: bool, source: str = "") -> dict[str, Any]:
+    config = check_dir(path, source or str(path), allow_trust_remote_code)
     files = weight_files(path)
     params, dtypes, linear = 0, Counter(), set()
     for f in files:

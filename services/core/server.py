@@ -96,6 +96,20 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
 
         return grpc.unary_stream_rpc_method_handler(
             stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.stream_unary is not None:
+        inner_client_stream = handler.stream_unary
+
+        async def client_stream(request_iterator, context):  # the servicer checks each message's enums
+            try:
+                return await inner_client_stream(request_iterator, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as e:
+                await on_error(e, context)
+
+        return grpc.stream_unary_rpc_method_handler(
+            client_stream, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
     return handler
 
 
@@ -136,6 +150,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 yield  # pragma: no cover
 
             return grpc.unary_stream_rpc_method_handler(deny_stream)
+        if handler is not None and handler.stream_unary is not None:  # refused before a byte of an upload is read
+            return grpc.stream_unary_rpc_method_handler(deny)
         return grpc.unary_unary_rpc_method_handler(deny)
 
 

@@ -114,6 +114,15 @@ class ServiceSettings(StoreSettings, RaySettings):
     token_file: Path | None = Field(None, description="a file holding one token (the embedded stack writes it)")
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
+    import_roots: str = Field(
+        default_factory=lambda: os.pathsep.join(dict.fromkeys([str(Path.home()), os.getcwd()])),
+        description="the folders (separated by ':') under which a request may name a path on the service's host; "
+                    "everything else must be uploaded by the client. Embedded default: the user's home and the "
+                    "current directory; the containers set /imports")
+
+    def roots(self) -> list[Path]:
+        """The import roots, resolved (a root that is a symlink is the folder it points to)."""
+        return [Path(r).resolve() for r in self.import_roots.split(os.pathsep) if r.strip()]
 
     def tokens(self) -> set[str]:
         tokens = {t.strip() for t in self.auth_tokens.split(",") if t.strip()}

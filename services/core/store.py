@@ -13,7 +13,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 from urllib.parse import urlparse
 
 from services.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
@@ -28,6 +28,7 @@ class ObjectStore(Protocol):
     def size(self, key: str) -> int | None: ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def put_file(self, key: str, path: Path) -> None: ...
+    def put_stream(self, key: str, stream: BinaryIO, size: int) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
     def get_range(self, key: str, offset: int, length: int) -> bytes: ...
     def get_file(self, key: str, dest: Path) -> None: ...
@@ -69,6 +70,15 @@ class LocalObjectStore:
 
     def put_file(self, key: str, path: Path) -> None:
         self._atomic_write(key, lambda tmp: shutil.copyfile(path, tmp))
+
+    def put_stream(self, key: str, stream: BinaryIO, size: int) -> None:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(stream, f, 4 << 20)
+            if tmp.stat().st_size != size:
+                raise IOError(f"{key}: the stream gave {tmp.stat().st_size} bytes, not {size}")
+
+        self._atomic_write(key, write)
 
     def get_bytes(self, key: str) -> bytes:
         p = self._path(key)
@@ -114,7 +124,7 @@ class S3ObjectStore:
     """S3 / MinIO through the minio client: the bucket is created on first use, large files go multipart,
     and transient HTTP failures are retried with backoff."""
 
-    def __init__(self, settings: StoreSettings, bucket: str):
+    def __init__(self, settings: StoreSettings, bucket: str, *, create_bucket: bool = True):
         import urllib3
         from minio import Minio
 
@@ -139,6 +149,7 @@ class S3ObjectStore:
             http_client=http,
         )
         self._bucket_ready = False
+        self.create_bucket = create_bucket
 
     def _ready(self) -> None:
         if self._bucket_ready:
@@ -147,6 +158,8 @@ class S3ObjectStore:
 
         try:
             if not self.client.bucket_exists(self.bucket):
+                if not self.create_bucket:
+                    raise NotFound(f"bucket {self.bucket} does not exist at {self.client._base_url.host}")
                 try:
                     self.client.make_bucket(self.bucket)
                 except S3Error as e:  # created concurrently
@@ -154,6 +167,8 @@ class S3ObjectStore:
                         raise
         except S3Error as e:
             raise FailedPrecondition(f"bucket {self.bucket}: {e.code}: {e.message}") from e
+        except NotFound:
+            raise
         except Exception as e:  # connection refused, DNS, timeouts
             raise Unavailable(f"S3 endpoint unreachable for {self.url}: {e}") from e
         self._bucket_ready = True
@@ -180,6 +195,11 @@ class S3ObjectStore:
     def put_file(self, key: str, path: Path) -> None:
         self._ready()
         self.client.fput_object(self.bucket, validate_key(key), str(path), part_size=self.part_size)
+
+    def put_stream(self, key: str, stream: BinaryIO, size: int) -> None:
+        """Multipart from a stream of known size: nothing is visible under `key` before the last part lands."""
+        self._ready()
+        self.client.put_object(self.bucket, validate_key(key), stream, size, part_size=self.part_size)
 
     def get_bytes(self, key: str) -> bytes:
         from minio.error import S3Error

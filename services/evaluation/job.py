@@ -69,7 +69,8 @@ def check_answering(base_url: str, served: str, api_key: str = "EMPTY") -> str:
     r = requests.post(f"{base_url}/chat/completions", timeout=120, headers={"Authorization": f"Bearer {api_key}"},
                       json={"model": served, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1,
                             "temperature": 0})
-    r.raise_for_status()
+    if r.status_code >= 400:  # the server's own words (vLLM's error JSON), not only the status line
+        raise RuntimeError(f"{served} answered its first chat request with HTTP {r.status_code}: {r.text[:800]}")
     return r.json().get("model", "")
 
 
@@ -231,7 +232,14 @@ def served_target(ctx: JobContext, spec: EvalJobSpec, work: Path) -> Target:
     on and off are two names on one engine."""
     import torch
 
-    from services.core.vllm import ServerSpec, VLLMServer, engine_dtype, engine_info, tool_call_parser_for
+    from services.core.vllm import (
+        ServerSpec,
+        VLLMServer,
+        cpu_cannot_run,
+        engine_dtype,
+        engine_info,
+        tool_call_parser_for,
+    )
 
     t, cache = spec.target, ctx.settings.cache_dir
     model = ctx.artifacts.resolve(t.model)
@@ -249,6 +257,9 @@ def served_target(ctx: JobContext, spec: EvalJobSpec, work: Path) -> Target:
         runs = [("run", model.name)]
     parser = tool_call_parser_for(template, model.metadata.get("model_type", ""))
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    why = cpu_cannot_run(str(model.metadata.get("quantization_scheme", "")), device)
+    if why:
+        ctx.fail(f"{model.id}: {why}")
     dtype = engine_dtype(device, bool(model.metadata.get("quantization")))
     sspec = ServerSpec(model_dir=str(model_dir), served_name=model.name, adapters=adapters, tool_call_parser=parser,
                        dtype=dtype, seed=spec.sampling.seed, device=device,
@@ -283,7 +294,10 @@ def run_one(ctx: JobContext, spec: EvalJobSpec, suite: Suite, target: Target, la
     from services.evaluation.lm_eval_run import model_args
 
     ctx.check_cancelled()
-    answered = check_answering(target.base_url, served) if target.server is not None else served
+    try:
+        answered = check_answering(target.base_url, served) if target.server is not None else served
+    except RuntimeError as e:  # the engine's own traceback is what says why
+        raise RuntimeError(f"{e}\nlast lines of the engine's log:\n{target.server.log_tail(40)}") from None
     if answered != served:
         ctx.fail(f"asked for {served!r} but {answered!r} answered; the run would not measure the target")
     t0 = time.monotonic()

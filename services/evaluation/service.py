@@ -131,6 +131,10 @@ class EvaluationService:
         field = "spec.target.adapter.base_model" if t.kind == "adapter" else (
             "spec.target.prompted.model" if t.kind == "prompted" else "spec.target.model")
         model = self.artifacts.require(t.model, field, "model")
+        if model.metadata.get("format") == "gguf":
+            raise FailedPrecondition(f"{field}: {model.id} is a GGUF file for llama.cpp and Ollama; evaluating it "
+                                     "through llama.cpp's server is not built yet (its load check and greedy "
+                                     f"agreement are in its metrics): evaluate {model.metadata.get('quantized_from')}")
         if not model.metadata.get("is_causal_lm", False):
             raise FailedPrecondition(f"{field}: {model.id} is not a causal LM")
         t = t.model_copy(update={"model": model.ref()})

@@ -26,6 +26,7 @@ import grpc
 from google.protobuf import json_format
 
 from services.core.jobctx import JobCancelled, JobContext, run_job
+from services.core.vllm import UNSUPPORTED_HERE
 from services.gen.tunery.v1 import common_pb2 as pb
 from services.gen.tunery.v1 import (datagen_pb2, evaluation_pb2, merging_pb2, pipeline_pb2, quantization_pb2,
                                     registry_pb2, serving_pb2, training_pb2)
@@ -446,11 +447,25 @@ class Pipeline:
             "planned_peak_bytes") if k in art.metrics})
         self.forms.append(form)
         if scheme.startswith("gguf"):
-            self.notes.append(f"{scheme}: a GGUF file for llama.cpp and Ollama, not evaluated on vLLM")
+            agree = art.metrics["greedy_agreement"] if "greedy_agreement" in art.metrics else float("nan")
+            self.notes.append(f"{scheme}: a GGUF file for llama.cpp and Ollama, loaded in llama.cpp by its quantize "
+                              f"job (greedy agreement with the merged model {agree:.0%}); not run through the eval "
+                              "suite (no llama.cpp eval server yet)")
             return
         if "eval" not in self.skip:
-            form.report = self.evaluate(f"eval-{scheme}", f"evaluate the {scheme} form", evaluation_pb2.EvalTarget(
-                model=ref(uri)), suite, self.name(f"eval-{scheme}")).outputs[0].uri
+            try:
+                form.report = self.evaluate(f"eval-{scheme}", f"evaluate the {scheme} form", evaluation_pb2.EvalTarget(
+                    model=ref(uri)), suite, self.name(f"eval-{scheme}")).outputs[0].uri
+            except StageFailed as e:
+                if UNSUPPORTED_HERE not in str(e):
+                    raise
+                # the form is made and stays; this cluster's engine cannot run it (say, W4A16 on a CPU without
+                # AVX-512): not evaluated, never served here, and the arc goes on
+                form.verdict = "NOT EVALUATED"
+                reason = str(e).split(UNSUPPORTED_HERE + ": ", 1)[-1].split("\n")[0]
+                self.notes.append(f"{scheme}: made, not evaluated: {reason}")
+                self.ctx.event(f"{scheme}: not evaluated here ({reason})", level="warning")
+                return
             self.compare_forms(form, merged_form)
 
     def serve(self, form: Form, base: str, suite) -> None:

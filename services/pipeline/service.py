@@ -15,11 +15,13 @@ from collections.abc import Callable
 
 from pydantic import Field
 
-from services.core.errors import FailedPrecondition, FieldViolation, NotFound, check
+from services.core.artifacts import ArtifactStore
+from services.core.errors import FailedPrecondition, FieldViolation, NotFound, PermissionDenied, check
 from services.core.hostpaths import host_path
 from services.core.job_api import JobService
 from services.core.jobs import JobRecord, JobRunner, JobState, Resources, SubmitOptions
 from services.core.settings import ServiceSettings, default_endpoints, port_field
+from services.core.uploads import SCHEME as UPLOAD, Uploads
 from services.pipeline.spec import URL, PipelineJobSpec, check_id, spec_problems
 from services.gen.tunery.v1 import pipeline_pb2
 
@@ -39,9 +41,14 @@ class PipelineSettings(ServiceSettings):
 
 
 def pipeline_id(spec: dict, smoke: bool) -> str:
-    """`<name>[-smoke]-<10 hex>` of the spec without `force`: a forced re-run of a pipeline whose gates failed is the
+    """`<name>[-smoke]-<10 hex>` of the spec without `force` (nor the client paths of uploads): a forced re-run of a pipeline whose gates failed is the
     next attempt of the same pipeline, and re-attaches to the stages that ran."""
-    body = {k: v for k, v in spec.items() if k != "force"}
+    def plain(v):  # where a file was uploaded from is not what the pipeline is
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items() if k not in ("force", "uploaded_from")}
+        return [plain(x) for x in v] if isinstance(v, list) else v
+
+    body = plain(spec)
     digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:10]
     return f"{spec.get('name') or 'pipeline'}{'-smoke' if smoke else ''}-{digest}"
 
@@ -50,9 +57,10 @@ class PipelineService:
     SERVICE = "pipeline"
 
     def __init__(self, runner: JobRunner, settings: PipelineSettings,
-                 endpoints: Callable[[], dict[str, str]] = dict):
+                 endpoints: Callable[[], dict[str, str]] = dict, artifacts: ArtifactStore | None = None):
         self.runner, self.settings, self._endpoints = runner, settings, endpoints
         self.jobs = JobService(runner, self.SERVICE)
+        self.uploads = Uploads(artifacts) if artifacts is not None else None
 
     def endpoints(self) -> dict[str, str]:
         return {**default_endpoints(), **self._endpoints(), **self.settings.endpoints}
@@ -63,11 +71,16 @@ class PipelineService:
                  ("spec.fact_probes.source", spec.fact_probes.source)]
         local += [(f"spec.train_extra[{i}].source", d.source) for i, d in enumerate(spec.train_extra)]
         for field, source in local:
-            if source and not URL.match(source):
-                try:
-                    host_path(source, field, hint=" (the CLI makes a file's paths absolute)")
-                except Exception as e:  # every problem at once, as the file loader reports them
-                    problems.append(FieldViolation(field, str(e).split(": ", 1)[-1]))
+            try:  # every problem at once, as the file loader reports them
+                if source.startswith(UPLOAD) and self.uploads is not None:
+                    self.uploads.listing(source, field)
+                elif source and not URL.match(source):
+                    host_path(source, field, roots=self.settings.roots(),
+                              hint=" (`tunery pipeline run` uploads the file's local paths)")
+            except PermissionDenied:
+                raise
+            except Exception as e:
+                problems.append(FieldViolation(field, str(e).split(": ", 1)[-1]))
         check(problems)
 
     async def submit(self, spec: pipeline_pb2.PipelineSpec, spec_dict: dict, smoke: bool,

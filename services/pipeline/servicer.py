@@ -23,6 +23,6 @@ class PipelineServicer(JobSurfaceServicer, pipeline_pb2_grpc.PipelineServiceServ
 
 
 def build(runtime: Runtime, settings: PipelineSettings) -> Registration:
-    service = PipelineService(runtime.runner, settings, lambda: runtime.endpoints)
+    service = PipelineService(runtime.runner, settings, lambda: runtime.endpoints, runtime.artifacts)
     return Registration(pipeline_pb2_grpc.add_PipelineServiceServicer_to_server, PipelineServicer(service),
                         "tunery.v1.PipelineService")

@@ -177,6 +177,10 @@ def model_card(spec: QuantizeSpec, model_uri: str, cal: Calibration | None, figu
 
 
 def quantize_job(ctx: JobContext, spec: QuantizeSpec) -> None:
+    if SCHEMES[spec.scheme].family == "gguf":  # llama.cpp's converter and quantizer
+        from services.quantization.gguf import quantize_gguf
+
+        return quantize_gguf(ctx, spec)
     import torch
     from llmcompressor import oneshot
     from transformers import AutoTokenizer

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pydantic import Field
 
 from services.core.artifacts import ArtifactStore, Manifest
-from services.core.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from services.core.errors import FailedPrecondition, InvalidArgument
 from services.core.job_api import JobService
 from services.core.jobs import JobRecord, JobRunner, Resources, SubmitOptions
 from services.core.keys import validate_name
@@ -113,11 +113,6 @@ class QuantizationService:
                                         + ", ".join(SCHEMES))
         model = self.artifacts.require(spec.model, "spec.model", "model")
         self._full_precision(model)
-        if scheme.family == "gguf":
-            raise Unimplemented(f"spec.scheme: {scheme.name} needs llama.cpp's converter and quantizer "
-                                "(llama-cpp-python), which the quantize environment does not build yet; use a "
-                                "compressed-tensors scheme (" + ", ".join(s for s, v in SCHEMES.items()
-                                                                         if v.family != "gguf") + ")")
         config = self._config(model)
         tensors = self.artifacts.tensors(model)
         flat = {name: t for file in tensors.values() for name, t in file.items()}
@@ -129,11 +124,15 @@ class QuantizationService:
             raise InvalidArgument.field("spec.ignore", f"{', '.join(map(repr, bad))} match no module of {model.id} "
                                         f"(a {model.metadata.get('architecture', 'model')}); its modules are "
                                         + ", ".join(arch.kinds()) + " (give exact names, or re:<pattern>)")
+        if scheme.family == "gguf" and spec.ignore:
+            raise InvalidArgument.field("spec.ignore", f"{scheme.name}: llama.cpp chooses each tensor's type itself "
+                                        "(norms, MoE routers and small tensors stay in float; Q4_K_M keeps some "
+                                        "layers at Q6_K): an ignore list applies to the compressed-tensors schemes")
         ignore = arch.always_ignored() + [e for e in spec.ignore if e not in arch.always_ignored()]
         group_size = self._group_size(spec, scheme, arch, ignore)
         dataset, source = self._calibration(spec, scheme, model)
         name = validate_name(spec.name or f"{model.name}-{scheme.name}", "spec.name")
-        memory = self.memory_plan(scheme, arch, flat, spec)
+        memory = self.memory_plan(scheme, arch, flat, spec) if scheme.family != "gguf" else self.gguf_memory(flat)
         quantized = arch.quantized(ignore)
         output = self._output_bytes(flat, quantized, scheme, group_size)
         largest_node = int(max((float(n.get("memory", 0.0)) for n in self.runner.nodes()), default=0.0))
@@ -250,6 +249,14 @@ class QuantizationService:
         resident = min(model_bytes, s.resident_weight_bytes)
         return MemoryPlan(s.process_overhead_bytes, resident, layer, max(hessians.values(), default=0), activations,
                           largest, model_bytes)
+
+    def gguf_memory(self, flat: dict) -> MemoryPlan:
+        """The GGUF job's peak: the float32 reference model (greedy answers to compare with) and the float32
+        GGUF the converter writes and llama.cpp reads back (memory-mapped, so resident when it is read)."""
+        model_bytes = sum(t.nbytes for t in flat.values())
+        f32 = sum(t.nbytes // FLOAT_BYTES.get(t.dtype, 4) * 4 for t in flat.values())
+        return MemoryPlan(self.settings.process_overhead_bytes, f32, 0, 0, 0, f32, model_bytes,
+                          notes=["GGUF: the float32 reference model and the float32 GGUF, converted and read back"])
 
     @staticmethod
     def _output_bytes(flat: dict, quantized: dict, scheme: Scheme, group_size: int) -> int:

@@ -5,13 +5,15 @@ setup (read the spec, find the source) -> run (validate, hash, upload blobs) -> 
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
 from services.core.artifacts import ArtifactWriter
 from services.core.jobctx import JobContext, run_job
 from services.core.modeldir import inspect_model
-from services.registry.service import HUB_PREFIX
+from services.core.uploads import Uploads
+from services.registry import sources
 from services.registry.spec import ImportDatasetSpec, ImportModelSpec
 
 
@@ -32,36 +34,59 @@ def upload(ctx: JobContext, writer: ArtifactWriter, root: Path, files: list[Path
 
 
 def import_model(ctx: JobContext, spec: ImportModelSpec) -> None:
-    # setup
-    source = spec.source
-    if source.startswith(HUB_PREFIX):
-        from huggingface_hub import snapshot_download
-
-        ctx.event(f"downloading {source} from the Hugging Face hub")
-        source = snapshot_download(source[len(HUB_PREFIX):], revision=spec.revision or None)
-    root = Path(source)
-    # run: validate, then upload
-    ctx.phase("validating")
-    info = inspect_model(root, spec.allow_trust_remote_code)
-    ctx.event(f"{info['architecture'] or info['model_type']}: {info['parameters']:,} parameters, {info['dtype']}"
-              f"{', MoE with %d experts' % info['num_experts'] if info['is_moe'] else ''}, "
-              f"chat template {'present' if info['has_chat_template'] else 'absent'}")
-    ctx.phase("running")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not any(
-        part.startswith(".") for part in p.relative_to(root).parts))
-    writer = ctx.writer("model", spec.name)
-    seconds = upload(ctx, writer, root, files)
+    # setup: the files in a folder, wherever they come from
+    k = sources.kind(spec.source)
+    with tempfile.TemporaryDirectory(prefix="tunery-import-") as scratch:
+        if k == "hub":
+            ctx.event(f"downloading {spec.source} from the Hugging Face hub")
+            root = sources.fetch_hub(spec.source, spec.revision)
+        elif k == "upload":
+            files = sources.uploaded(Uploads(ctx.artifacts), spec.source, Path(scratch))
+            ctx.event(f"{len(files)} uploaded files{' from ' + spec.uploaded_from if spec.uploaded_from else ''}")
+            root = Path(scratch)
+        elif k == "s3":
+            ctx.event(f"downloading {spec.source}")
+            root = sources.fetch_s3(spec.source, Path(scratch), folder=True)
+        else:
+            root = Path(spec.source)
+        # run: validate, then upload
+        ctx.phase("validating")
+        info = inspect_model(root, spec.allow_trust_remote_code, spec.source)
+        ctx.event(f"{info['architecture'] or info['model_type']}: {info['parameters']:,} parameters, {info['dtype']}"
+                  f"{', MoE with %d experts' % info['num_experts'] if info['is_moe'] else ''}, "
+                  f"chat template {'present' if info['has_chat_template'] else 'absent'}")
+        ctx.phase("running")
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not any(
+            part.startswith(".") for part in p.relative_to(root).parts))
+        writer = ctx.writer("model", spec.name)
+        seconds = upload(ctx, writer, root, files)
     # save
-    ctx.commit(writer, metadata={"form": "base", "source": spec.source, "revision": spec.revision, **info},
+    ctx.commit(writer, metadata={"form": "base", "source": spec.source, "revision": spec.revision,
+                                 **({"uploaded_from": spec.uploaded_from} if spec.uploaded_from else {}), **info},
                metrics={"import_seconds": seconds, "bytes_uploaded": float(writer.bytes_uploaded),
                         "import_mb_per_s": writer.bytes_total / 1e6 / max(seconds, 1e-9)})
 
 
 def import_dataset(ctx: JobContext, spec: ImportDatasetSpec) -> None:
-    path = Path(spec.source)
-    writer = ctx.writer("dataset", spec.name)
-    seconds = upload(ctx, writer, path.parent, [path])
+    k = sources.kind(spec.source)
+    with tempfile.TemporaryDirectory(prefix="tunery-import-") as scratch:
+        if k == "upload":
+            entry = sources.uploaded(Uploads(ctx.artifacts), spec.source, Path(scratch))[0]
+            path = Path(scratch) / entry.path
+        elif k == "s3":
+            ctx.event(f"downloading {spec.source}")
+            path = sources.fetch_s3(spec.source, Path(scratch), folder=False)
+        elif k == "url":
+            ctx.event(f"downloading {spec.source}")
+            path = sources.fetch_url(spec.source, Path(scratch), spec.url_max_bytes, lambda done, total: (
+                done % (64 << 20) < (1 << 20) and ctx.metrics(0, {"bytes_downloaded": float(done)},
+                                                              text=f"{done:,} of {max(total, 0):,} bytes")))
+        else:
+            path = Path(spec.source)
+        writer = ctx.writer("dataset", spec.name)
+        seconds = upload(ctx, writer, path.parent, [path])
     ctx.commit(writer, metadata={"stage": "raw", "format_hint": spec.format, "source": spec.source,
+                                 **({"uploaded_from": spec.uploaded_from} if spec.uploaded_from else {}),
                                  "file": path.name}, metrics={"import_seconds": seconds})
 
 

@@ -3,27 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from pydantic import Field
 
 from services.core.artifacts import KINDS, ArtifactStore, Manifest
 from services.core.errors import InvalidArgument
-from services.core.hostpaths import host_path
 from services.core.job_api import JobService, page_size
 from services.core.jobs import JobRecord, JobRunner, Resources, SubmitOptions
 from services.core.keys import validate_id, validate_name
-from services.core.modeldir import quick_check
 from services.core.settings import ServiceSettings, port_field
-from services.registry.spec import DATASET_SUFFIXES, ImportDatasetSpec, ImportModelSpec
-
-HUB_PREFIX = "hf://"
+from services.core.uploads import Chunk, Uploads, UploadStatus
+from services.registry.sources import SourceChecks
+from services.registry.spec import ImportDatasetSpec, ImportModelSpec
 
 
 class RegistrySettings(ServiceSettings):
     service: str = "registry"
     port: int = port_field("registry")
     import_cpus: float = Field(1.0, description="CPUs an import job asks Ray for")
+    max_upload_bytes: int = Field(0, ge=0, description="the largest file a client may upload (0: the store's limit)")
+    import_url_max_bytes: int = Field(20 * 1024**3, ge=0, description="the most an https:// dataset source may "
+                                      "send (0: no limit)")
 
 
 class RegistryService:
@@ -32,6 +34,8 @@ class RegistryService:
     def __init__(self, artifacts: ArtifactStore, runner: JobRunner, settings: RegistrySettings):
         self.artifacts, self.runner, self.settings = artifacts, runner, settings
         self.jobs = JobService(runner, self.SERVICE)
+        self.uploads = Uploads(artifacts, max_bytes=settings.max_upload_bytes)
+        self.sources = SourceChecks(self.uploads, settings.roots())
 
     async def import_model(self, spec: ImportModelSpec, options: SubmitOptions) -> JobRecord:
         return await self.jobs.submit("registry.import_model", "control", lambda: self._check_model(spec), options,
@@ -41,27 +45,22 @@ class RegistryService:
         return await self.jobs.submit("registry.import_dataset", "control", lambda: self._check_dataset(spec),
                                       options, Resources(cpus=self.settings.import_cpus))
 
-    @staticmethod
-    def _check_model(spec: ImportModelSpec) -> ImportModelSpec:
+    def _check_model(self, spec: ImportModelSpec) -> ImportModelSpec:
         validate_name(spec.name, "spec.name")
-        if spec.source.startswith(HUB_PREFIX):
-            if not spec.source[len(HUB_PREFIX):].count("/") == 1:
-                raise InvalidArgument.field("spec.source", f"{spec.source!r}: use hf://<org>/<name>")
-        else:
-            quick_check(spec.source, spec.allow_trust_remote_code)
+        self.sources.model(spec.source, spec.allow_trust_remote_code)
         return spec
 
-    @staticmethod
-    def _check_dataset(spec: ImportDatasetSpec) -> ImportDatasetSpec:
+    def _check_dataset(self, spec: ImportDatasetSpec) -> ImportDatasetSpec:
         validate_name(spec.name, "spec.name")
-        path = host_path(spec.source, "spec.source")
-        if not path.is_file():
-            raise InvalidArgument.field("spec.source", f"{spec.source} is not a regular file")
-        if path.suffix.lower() not in DATASET_SUFFIXES:
-            raise InvalidArgument.field("spec.source", f"{path.name}: use one of {', '.join(DATASET_SUFFIXES)}")
-        if path.stat().st_size == 0:
-            raise InvalidArgument.field("spec.source", f"{path.name} is empty")
-        return spec
+        self.sources.dataset(spec.source)
+        return spec.model_copy(update={"url_max_bytes": self.settings.import_url_max_bytes})
+
+    # ------------------------------------------------------------------ uploads
+    async def stat_upload(self, sha256: str, size: int) -> UploadStatus:
+        return await asyncio.to_thread(self.uploads.status, sha256, size)
+
+    async def upload(self, chunks: AsyncIterator[Chunk]) -> UploadStatus:
+        return await self.uploads.receive(chunks)
 
     async def list(self, kind: str, name: str, size: int, after: str) -> tuple[list[Manifest], str]:
         if kind and kind not in KINDS:

@@ -7,17 +7,21 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 DatasetFormatName = Literal["auto", "alpaca", "chat", "sharegpt", "completion", "preference"]
-DATASET_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
 class ImportModelSpec(BaseModel):
-    source: str = Field(description="absolute path to a Hugging Face model directory, or hf://org/name")
+    source: str = Field(description="upload://<listing sha256>, s3://bucket/prefix/, hf://org/name, or a model "
+                        "folder on the service's host under its import roots")
     name: str = Field(description="artifact name")
     revision: str = ""
     allow_trust_remote_code: bool = False
+    uploaded_from: str = Field("", max_length=4096, description="the client's path of an upload (recorded)")
 
 
 class ImportDatasetSpec(BaseModel):
-    source: str = Field(description="absolute path to a JSONL, JSON, CSV or Parquet file")
+    source: str = Field(description="upload://<listing sha256>, s3://bucket/key, https://… or a file on the "
+                        "service's host under its import roots (JSONL, JSON, CSV or Parquet)")
     name: str
     format: DatasetFormatName = "auto"
+    uploaded_from: str = Field("", max_length=4096, description="the client's path of an upload (recorded)")
+    url_max_bytes: int = Field(0, ge=0, description="the most an http(s) source may send (set by the service)")

@@ -12,8 +12,9 @@ The CLI is built on it. Methods return the generated message types (typed by myp
 from __future__ import annotations
 
 import os
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -40,6 +41,8 @@ from services.gen.tunery.v1 import (
 )
 
 
+URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
+Progress = Callable[[int, int], None]   # (bytes done, bytes in all)
 TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
@@ -149,17 +152,105 @@ class TuneryClient:
         return opts
 
     def import_model(self, source: str, name: str, *, key: str = "", allow_trust_remote_code: bool = False,
-                     revision: str = "", options: pb.SubmitOptions | None = None) -> pb.Job:
-        spec = registry_pb2.ImportModelSpec(source=source, name=name, revision=revision,
+                     revision: str = "", options: pb.SubmitOptions | None = None, upload: bool | None = None,
+                     progress: Progress | None = None) -> pb.Job:
+        """`source`: a model folder on this machine (uploaded: `upload=None` does so whenever the path exists
+        here; `upload=False` sends it as a path on the services' host), upload://…, s3://…, or hf://org/name."""
+        source, origin = self._uploaded(source, upload, progress)
+        spec = registry_pb2.ImportModelSpec(source=source, name=name, revision=revision, uploaded_from=origin,
                                             allow_trust_remote_code=allow_trust_remote_code)
         return self._call(self.registry.ImportModel,
                           registry_pb2.ImportModelRequest(spec=spec, options=self._options(key, options)))
 
     def import_dataset(self, source: str, name: str, *, key: str = "", format: int = 0,
-                       options: pb.SubmitOptions | None = None) -> pb.Job:
-        spec = registry_pb2.ImportDatasetSpec(source=source, name=name, format=format)
+                       options: pb.SubmitOptions | None = None, upload: bool | None = None,
+                       progress: Progress | None = None) -> pb.Job:
+        """`source`: a file on this machine (uploaded, as for import_model), upload://…, s3://… or https://…."""
+        source, origin = self._uploaded(source, upload, progress)
+        spec = registry_pb2.ImportDatasetSpec(source=source, name=name, format=format, uploaded_from=origin)
         return self._call(self.registry.ImportDataset,
                           registry_pb2.ImportDatasetRequest(spec=spec, options=self._options(key, options)))
+
+    # ------------------------------------------------------------------ uploads
+    def _uploaded(self, source: str, upload: bool | None, progress: Progress | None) -> tuple[str, str]:
+        """(what the import names, the client path it came from): a local path becomes its upload."""
+        local = not URL.match(source) and os.path.exists(source)
+        if upload is None:
+            upload = local
+        if not upload:
+            return source, ""
+        if not local:
+            raise FileNotFoundError(f"{source}: no such file or folder on this machine to upload")
+        return self.upload(source, progress), os.path.abspath(source)
+
+    def upload(self, path: str | Path, progress: Progress | None = None) -> str:
+        """Send a file or a folder (its files, dotfiles left out) to the store; returns the upload:// uri an
+        import names. Blobs already stored are not sent again; a dropped connection resumes where it broke."""
+        from services.core.artifacts import FileEntry, sha256_file
+        from services.core.uploads import listing_bytes, upload_uri
+
+        root = Path(path)
+        if root.is_dir():
+            files = sorted(p for p in root.rglob("*") if p.is_file() and not any(
+                part.startswith(".") for part in p.relative_to(root).parts))
+            if not files:
+                raise FileNotFoundError(f"{root}: the folder holds no files to upload")
+        else:
+            root, files = root.parent, [root]
+        total = sum(f.stat().st_size for f in files)
+        entries, done = [], 0
+        for f in files:
+            entry = FileEntry(path=f.relative_to(root).as_posix(), size=f.stat().st_size, sha256=sha256_file(f))
+            self.upload_file(f, entry.sha256, entry.size,
+                             (lambda d, t, base=done: progress(base + d, total)) if progress else None)
+            done += entry.size
+            entries.append(entry)
+        listing = listing_bytes(entries)
+        import hashlib
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(prefix="tunery-listing-") as tmp:
+            tmp.write(listing)
+            tmp.flush()
+            sha = hashlib.sha256(listing).hexdigest()
+            self.upload_file(Path(tmp.name), sha, len(listing))
+        return upload_uri(sha)
+
+    def upload_file(self, path: Path, sha256: str, size: int, progress: Progress | None = None,
+                    chunk: int = 1 << 20, attempts: int = 5) -> registry_pb2.UploadStatus:
+        """One file's bytes: asks what the store holds (StatUpload), streams the rest, resumes after a broken
+        stream (up to `attempts` streams)."""
+        for attempt in range(attempts):
+            st = self._call(self.registry.StatUpload, registry_pb2.StatUploadRequest(sha256=sha256, size=size))
+            if progress:
+                progress(st.received_bytes, size)
+            if st.stored:
+                return st
+
+            def chunks(offset: int = st.received_bytes):
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    first = True
+                    while first or offset < size:
+                        data = f.read(chunk)
+                        yield registry_pb2.UploadChunk(sha256=sha256, size=size, offset=offset, data=data)
+                        offset += len(data)
+                        first = False
+                        if progress:
+                            progress(offset, size)
+                        if not data:
+                            return
+
+            try:
+                st = self.registry.UploadFile(chunks(), metadata=self.metadata, timeout=max(600.0, size / 1e6))
+            except grpc.RpcError as e:
+                if e.code() not in RETRYABLE or attempt == attempts - 1:
+                    raise
+                time.sleep(min(2 ** attempt, 10))
+                continue
+            if st.stored:
+                return st
+        raise IOError(f"{path}: the upload did not complete after {attempts} streams")
 
     def list_artifacts(self, kind: int = 0, name: str = "", page_size: int = 100) -> Iterator[pb.Artifact]:
         token = ""

@@ -56,11 +56,15 @@ class VLLMReplica:
     def __init__(self, config: dict[str, Any]):
         from services.core.artifacts import ArtifactRef
         from services.core.settings import RaySettings
-        from services.core.vllm import ServerSpec, VLLMServer
+        from services.core.vllm import ServerSpec, VLLMServer, cpu_cannot_run
 
         self.config = config
         self.replica_id = _replica_id()
         self.artifacts, self.cache = _store()
+        scheme = self.artifacts.resolve(ArtifactRef(**config["model"])).metadata.get("quantization_scheme", "")
+        why = cpu_cannot_run(str(scheme), config.get("device", "cpu"))
+        if why:  # before an engine that would start, then die on the first request
+            raise RuntimeError(why)
         model_dir = self.artifacts.materialize(ArtifactRef(**config["model"]), self.cache)
         spec = ServerSpec(model_dir=str(model_dir), served_name=config["served_name"], runtime_lora=True,
                           max_loras=config["max_loras"], max_lora_rank=config["max_lora_rank"],

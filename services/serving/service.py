@@ -182,6 +182,10 @@ class ServingService:
     def _check(self, spec: DeploymentSpec, resources: Resources | None,
                pinned: DeploymentSpec | None = None) -> ServeJobSpec:
         model = self.artifacts.require(spec.model, "spec.model", "model")
+        if model.metadata.get("format") == "gguf":
+            raise FailedPrecondition(f"spec.model: {model.id} is a GGUF file: vLLM serves the safetensors forms; "
+                                     "run this one with its Modelfile (`ollama create NAME -f Modelfile`) or "
+                                     "`llama-server -m FILE`")
         name = validate_name(spec.name or model.name, "spec.name")  # default: the model's name
         adapters = []
         seen = {model.name}

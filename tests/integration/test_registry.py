@@ -79,8 +79,8 @@ def test_moe_model_is_recognised(registry, tiny_moe):
 
 
 def test_reimport_uploads_zero_bytes(registry, tiny_model):
-    first = succeeded(registry, registry.import_model(str(tiny_model), "tiny-llama"))
-    second = succeeded(registry, registry.import_model(str(tiny_model), "tiny-llama"))
+    first = succeeded(registry, registry.import_model(str(tiny_model), "tiny-llama", upload=False))
+    second = succeeded(registry, registry.import_model(str(tiny_model), "tiny-llama", upload=False))
     assert first.id != second.id
     assert first.latest_metrics["bytes_uploaded"] > 0
     assert second.latest_metrics["bytes_uploaded"] == 0
@@ -111,7 +111,7 @@ def test_idempotent_resubmit_and_conflict(registry, tiny_model, tmp_path):
 
 def test_cancel_running_job_leaves_no_artifact(registry, tmp_path):
     model = make_sharded_model(tmp_path / "sharded", shards=400)
-    job = registry.import_model(str(model), "sharded")
+    job = registry.import_model(str(model), "sharded", upload=False)
     wait_for(lambda: registry.get_job(job.id).latest_metrics.get("bytes_done", 0) > 0, 60, what="upload started")
     registry.cancel_job(job.id, "test cancels")
     final = registry.wait(job.id, 60)
@@ -136,7 +136,7 @@ def test_queued_job_says_why_and_cancels(registry, tiny_model):
 
 def test_job_killed_mid_upload_leaves_no_listed_artifact(registry, settings, tmp_path):
     model = make_sharded_model(tmp_path / "sharded", shards=400)
-    job = registry.import_model(str(model), "killed")
+    job = registry.import_model(str(model), "killed", upload=False)
     events = []
     for ev in registry.watch(job.id):
         events.append(ev)
@@ -160,7 +160,7 @@ def test_watch_resumes_after_server_restart(servers, settings, tmp_path):
     port = servers.start(settings, build)
     wait_for(lambda: health(port) == "SERVING", 30, what="SERVING")
     client = TuneryClient(f"127.0.0.1:{port}", TOKEN)
-    job = client.import_model(str(model), "watched")
+    job = client.import_model(str(model), "watched", upload=False)
     seen = []
     for ev in client.watch(job.id):
         seen.append(ev.cursor)

@@ -180,6 +180,8 @@ def call(stack, service: str, method: str, request):
         if desc.server_streaming:
             for _ in getattr(stub, method)(request, metadata=MD, timeout=1.0):
                 pass
+        elif desc.client_streaming:  # an upload: the fuzzed message, then the same one again
+            getattr(stub, method)(iter([request, request]), metadata=MD, timeout=20)
         else:
             getattr(stub, method)(request, metadata=MD, timeout=20)
     except grpc.RpcError as e:

@@ -1,3 +1,4 @@
+from pathlib import Path
 
 import pytest
 
@@ -31,21 +32,21 @@ def expect(exc, match, fn):
 
 
 def test_quick_check_branches(tmp_path):
-    expect(InvalidArgument, "absolute", lambda: quick_check("rel/path", False))
-    expect(NotFound, "does not exist", lambda: quick_check(str(tmp_path / "nope"), False))
+    expect(InvalidArgument, "absolute", lambda: quick_check("rel/path", False, [Path("/")]))
+    expect(NotFound, "does not exist", lambda: quick_check(str(tmp_path / "nope"), False, [Path("/")]))
     f = tmp_path / "file"
     f.write_text("x")
-    expect(InvalidArgument, "is a file", lambda: quick_check(str(f), False))
+    expect(InvalidArgument, "is a file", lambda: quick_check(str(f), False, [Path("/")]))
     (tmp_path / "empty").mkdir()
-    expect(InvalidArgument, "no config.json", lambda: quick_check(str(tmp_path / "empty"), False))
+    expect(InvalidArgument, "no config.json", lambda: quick_check(str(tmp_path / "empty"), False, [Path("/")]))
     m = make_model(tmp_path / "m")
     (m / "config.json").write_text('{"a": 1,\n "b": }')
-    expect(InvalidArgument, "line 2, column 7", lambda: quick_check(str(m), False))
+    expect(InvalidArgument, "line 2, column 7", lambda: quick_check(str(m), False, [Path("/")]))
     (m / "config.json").write_text('{"hidden_size": 8}')
-    expect(InvalidArgument, "no model_type", lambda: quick_check(str(m), False))
+    expect(InvalidArgument, "no model_type", lambda: quick_check(str(m), False, [Path("/")]))
     (m / "config.json").write_text('{"model_type": "x", "auto_map": {"AutoModel": "m.X"}}')
-    expect(FailedPrecondition, "allow_trust_remote_code", lambda: quick_check(str(m), False))
-    assert quick_check(str(m), True)["model_type"] == "x"
+    expect(FailedPrecondition, "allow_trust_remote_code", lambda: quick_check(str(m), False, [Path("/")]))
+    assert quick_check(str(m), True, [Path("/")])["model_type"] == "x"
 
 
 def test_weight_problems(tmp_path):

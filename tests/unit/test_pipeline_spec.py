@@ -40,7 +40,7 @@ def test_the_demo_file_is_the_main_job():
     spec = load_file(REPO / "examples" / "demo.yaml")
     assert spec.base.source == str(REPO / "build" / "fixtures" / "smollm2-135m-instruct")
     assert spec.suite.heldout_assertion == ev.ASSERTION_TYPE_JSON_FIELDS and spec.suite.fact_probes
-    assert [q.scheme for q in spec.quantize_forms] == [SCHEMES["gptq-w4a16"]]
+    assert [q.scheme for q in spec.quantize_forms] == [SCHEMES["gptq-w4a16"], SCHEMES["gguf-q4_k_m"]]
     assert spec.gates.min_target_pass_rate == 0.8 and spec.max_form_drop_points == 5.0
     # the system prompt of the prompting baseline is the one the tickets were written with
     first = json.loads((REPO / "fixtures" / "demo" / "tickets.jsonl").read_text().splitlines()[0])

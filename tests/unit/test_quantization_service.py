@@ -10,7 +10,7 @@ import json
 import pytest
 
 from services.core.artifacts import ArtifactStore
-from services.core.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from services.core.errors import FailedPrecondition, InvalidArgument
 from services.core.store import LocalObjectStore
 from services.gen.tunery.v1 import quantization_pb2 as qpb
 from services.quantization import architecture
@@ -180,8 +180,11 @@ def test_refusals_say_what_to_do(env):
     assert "model.layers.N.mlp.up_proj" in msg  # which modules it has
     p = plan(svc, base, calibration_dataset=data.ref(), ignore=["re:.*q_proj$"])
     assert p.quantized_modules == 6 and p.spec.resolved_ignore == ["lm_head", "re:.*q_proj$"]
-    with pytest.raises(Unimplemented, match="llama-cpp-python"):
-        plan(svc, base, "gguf-q4_k_m")
+    with pytest.raises(InvalidArgument, match="llama.cpp chooses each tensor's type"):
+        plan(svc, base, "gguf-q4_k_m", ignore=["lm_head"])
+    g = plan(svc, base, "gguf-q4_k_m")  # data-free; its peak: the float32 reference and the float32 GGUF
+    assert g.spec.calibration_dataset is None and g.memory.resident == g.memory.largest > 0
+    assert g.memory.layer == g.memory.hessians == g.memory.activations == 0
     with pytest.raises(FailedPrecondition, match="more than the budget of"):
         plan(svc, base, calibration_dataset=data.ref(), memory_budget_bytes=1 << 20)
     runner.cluster = [{"CPU": 2.0, "memory": 64 * 2**20}]

@@ -65,7 +65,8 @@ def test_valid_import_is_queued_with_the_typed_spec(env):
     assert job.id == "k1" and job.state == pb.JOB_STATE_QUEUED
     req = runner.submitted[0]
     assert req.kind == "registry.import_model" and req.role == "control"
-    assert req.spec == {"source": src, "name": "m", "revision": "", "allow_trust_remote_code": False}
+    assert req.spec == {"source": src, "name": "m", "revision": "", "allow_trust_remote_code": False,
+                        "uploaded_from": ""}
     assert req.resources.cpus == 0.5 and req.labels == {"team": "x"}
     assert stub.GetJob(pb.GetJobRequest(job_id="k1"), metadata=MD).spec["source"] == src
 

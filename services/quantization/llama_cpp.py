@@ -1,0 +1,217 @@
+"""llama.cpp from this machine's toolchain (`make setup-llama-cpp`, build/llama-cpp): its HF -> GGUF converter
+(convert_hf_to_gguf.py and its own gguf-py, from the llama.cpp source that the pinned npm package node-llama-cpp
+ships) and its prebuilt CPU library (libllama from @node-llama-cpp/linux-x64, the same release), called through
+ctypes: quantize, load, tokenize, render the chat template, greedy decode. Nothing is compiled here.
+
+The structs that llama.cpp passes by value (model, context and quantize params, a batch) are handled as opaque
+buffers larger than the real ones, filled by llama.cpp's own `*_default_params()`: on x86-64 a struct that large
+travels in memory, so only the quantize params' leading fields (nthread, ftype), whose offsets the header fixes,
+are ever written from here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from services.core.settings import REPO_ROOT
+
+FTYPES = {"gguf-q8_0": 7, "gguf-q4_k_m": 15, "gguf-f16": 1}   # enum llama_ftype (include/llama.h)
+OPAQUE = 1024                                                   # bytes; every by-value struct is smaller
+
+
+class Toolchain:
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root or os.environ.get("TUNERY_LLAMA_CPP_DIR") or REPO_ROOT / "build" / "llama-cpp")
+        self.src = self.root / "src"
+        self.bins = self.root / "pkg" / "@node-llama-cpp" / "linux-x64" / "bins" / "linux-x64"
+
+    def missing(self) -> str:
+        """What is absent ('' when the toolchain is complete)."""
+        for path, what in ((self.src / "convert_hf_to_gguf.py", "llama.cpp's converter"),
+                           (self.src / "gguf-py" / "gguf", "llama.cpp's gguf-py"),
+                           (self.libllama(), "the prebuilt libllama")):
+            if path is None or not path.exists():
+                return f"{what} is missing under {self.root}: run `make setup-llama-cpp`"
+        return ""
+
+    def version(self) -> str:
+        """node-llama-cpp's version and the llama.cpp commit of the converter (what made a file)."""
+        import json
+
+        pkg = self.root / "pkg" / "node-llama-cpp" / "package.json"
+        v = json.loads(pkg.read_text())["version"] if pkg.is_file() else "?"
+        head = (self.src / ".git" / "HEAD").read_text().strip() if (self.src / ".git" / "HEAD").is_file() else "?"
+        return f"node-llama-cpp {v}, llama.cpp {head[:12]}"
+
+    def libllama(self) -> Path | None:
+        found = sorted(self.bins.glob("libllama.*so")) if self.bins.is_dir() else []
+        return found[0] if found else None
+
+    def convert(self, model_dir: Path, out: Path, outtype: str) -> str:
+        """HF folder -> one GGUF file (outtype f32 | f16 | bf16 | q8_0), through services.quantization.convert_gguf
+        (the converter with Tunery's honest pre-tokenizer fallback). Returns the converter's log."""
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(self.src / "gguf-py"), str(self.src),
+                                                            str(REPO_ROOT)])}
+        cmd = [sys.executable, "-m", "services.quantization.convert_gguf", str(model_dir), "--outfile", str(out),
+               "--outtype", outtype]
+        run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if run.returncode != 0:
+            tail = "\n".join((run.stderr or run.stdout).strip().splitlines()[-6:])
+            raise RuntimeError(f"llama.cpp's converter refused {model_dir.name}: {tail}")
+        return run.stderr
+
+
+LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)
+QUIET = LOG_CALLBACK(lambda level, text, user: None)   # llama.cpp's load chatter off the job's log
+
+
+class LlamaChatMessage(ctypes.Structure):
+    _fields_ = [("role", ctypes.c_char_p), ("content", ctypes.c_char_p)]
+
+
+class Opaque(ctypes.Structure):
+    _fields_ = [("raw", ctypes.c_ubyte * OPAQUE)]
+
+
+class QuantizeParams(ctypes.Structure):
+    _fields_ = [("nthread", ctypes.c_int32), ("ftype", ctypes.c_int32), ("rest", ctypes.c_ubyte * (OPAQUE - 8))]
+
+
+class LlamaCpp:
+    """The library, its backends loaded once per process."""
+
+    _lib: ctypes.CDLL | None = None
+
+    def __init__(self, toolchain: Toolchain):
+        if LlamaCpp._lib is None:
+            path = toolchain.libllama()
+            ctypes.CDLL(str(toolchain.bins / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
+            ggml = ctypes.CDLL(str(next(toolchain.bins.glob("libggml.*so"))), mode=ctypes.RTLD_GLOBAL)
+            lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+            ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+            ggml.ggml_backend_load_all_from_path(str(toolchain.bins).encode())
+            self._declare(lib)
+            lib.llama_log_set(QUIET, None)
+            lib.llama_backend_init()
+            LlamaCpp._lib = lib
+        self.lib = LlamaCpp._lib
+
+    @staticmethod
+    def _declare(lib) -> None:
+        p, i32 = ctypes.c_void_p, ctypes.c_int32
+        sigs = {
+            "llama_backend_init": (None, []),
+            "llama_log_set": (None, [LOG_CALLBACK, p]),
+            "llama_model_quantize_default_params": (QuantizeParams, []),
+            "llama_model_quantize": (ctypes.c_uint32, [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(QuantizeParams)]),
+            "llama_model_default_params": (Opaque, []),
+            "llama_context_default_params": (Opaque, []),
+            "llama_model_load_from_file": (p, [ctypes.c_char_p, Opaque]),
+            "llama_model_free": (None, [p]),
+            "llama_init_from_model": (p, [p, Opaque]),
+            "llama_free": (None, [p]),
+            "llama_model_get_vocab": (p, [p]),
+            "llama_vocab_n_tokens": (i32, [p]),
+            "llama_vocab_is_eog": (ctypes.c_bool, [p, i32]),
+            "llama_tokenize": (i32, [p, ctypes.c_char_p, i32, ctypes.POINTER(i32), i32, ctypes.c_bool, ctypes.c_bool]),
+            "llama_batch_get_one": (Opaque, [ctypes.POINTER(i32), i32]),
+            "llama_decode": (i32, [p, Opaque]),
+            "llama_get_logits_ith": (ctypes.POINTER(ctypes.c_float), [p, i32]),
+            "llama_model_chat_template": (ctypes.c_char_p, [p, ctypes.c_char_p]),
+            "llama_chat_apply_template": (i32, [ctypes.c_char_p, ctypes.POINTER(LlamaChatMessage), ctypes.c_size_t,
+                                                ctypes.c_bool, ctypes.c_char_p, i32]),
+            "llama_model_meta_val_str": (i32, [p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t]),
+        }
+        for name, (res, args) in sigs.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = res, args
+
+    def quantize(self, src: Path, dest: Path, scheme: str, threads: int = 0) -> None:
+        params = self.lib.llama_model_quantize_default_params()
+        params.nthread, params.ftype = threads, FTYPES[scheme]
+        rc = self.lib.llama_model_quantize(str(src).encode(), str(dest).encode(), ctypes.byref(params))
+        if rc != 0 or not dest.exists():
+            raise RuntimeError(f"llama_model_quantize({scheme}) failed with {rc}")
+
+    def load(self, path: Path) -> "Model":
+        model = self.lib.llama_model_load_from_file(str(path).encode(), self.lib.llama_model_default_params())
+        if not model:
+            raise RuntimeError(f"llama.cpp could not load {path.name}")
+        return Model(self, model)
+
+
+class Model:
+    def __init__(self, cpp: LlamaCpp, handle):
+        self.lib, self.handle = cpp.lib, handle
+        self.vocab = self.lib.llama_model_get_vocab(handle)
+        self.n_vocab = self.lib.llama_vocab_n_tokens(self.vocab)
+
+    def close(self) -> None:
+        if self.handle:
+            self.lib.llama_model_free(self.handle)
+            self.handle = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def meta(self, key: str) -> str:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = self.lib.llama_model_meta_val_str(self.handle, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else ""
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        raw = text.encode()
+        n_max = len(raw) + 16
+        out = (ctypes.c_int32 * n_max)()
+        n = self.lib.llama_tokenize(self.vocab, raw, len(raw), out, n_max, add_special, parse_special)
+        if n < 0:
+            raise RuntimeError(f"llama_tokenize needs {-n} tokens")
+        return list(out[:n])
+
+    def render_chat(self, messages: list[dict], add_assistant: bool = True) -> str:
+        """The conversation rendered by llama.cpp from the GGUF's embedded template (its built-in renderers,
+        chosen by what the template looks like: what Ollama and llama-server do without a jinja engine)."""
+        tmpl = self.lib.llama_model_chat_template(self.handle, None)
+        if not tmpl:
+            raise RuntimeError("the GGUF has no tokenizer.chat_template")
+        keep = [(m["role"].encode(), (m.get("content") or "").encode()) for m in messages]
+        chat = (LlamaChatMessage * len(keep))(*[LlamaChatMessage(r, c) for r, c in keep])
+        size = 4 * sum(len(c) + len(r) for r, c in keep) + 1024
+        buf = ctypes.create_string_buffer(size)
+        n = self.lib.llama_chat_apply_template(tmpl, chat, len(keep), add_assistant, buf, size)
+        if n < 0:
+            raise RuntimeError("llama.cpp has no built-in renderer for this chat template")
+        return buf.raw[:n].decode("utf-8", "replace")
+
+    def greedy(self, prompt: list[int], max_tokens: int, n_ctx_min: int = 512) -> list[int]:
+        """Greedy continuation of `prompt` (token ids), stopping at an end-of-generation token."""
+        import numpy as np
+
+        ctx = self.lib.llama_init_from_model(self.handle, self.lib.llama_context_default_params())
+        if not ctx:
+            raise RuntimeError("llama.cpp could not make a context")
+        try:
+            out: list[int] = []
+            tokens = (ctypes.c_int32 * len(prompt))(*prompt)
+            batch = self.lib.llama_batch_get_one(tokens, len(prompt))
+            for _ in range(max_tokens):
+                if self.lib.llama_decode(ctx, batch) != 0:
+                    raise RuntimeError("llama_decode failed")
+                logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(ctx, -1), shape=(self.n_vocab,))
+                nxt = int(logits.argmax())
+                if self.lib.llama_vocab_is_eog(self.vocab, nxt):
+                    break
+                out.append(nxt)
+                one = (ctypes.c_int32 * 1)(nxt)
+                tokens = one  # kept alive while the batch points at it
+                batch = self.lib.llama_batch_get_one(tokens, 1)
+            return out
+        finally:
+            self.lib.llama_free(ctx)
