@@ -67,20 +67,22 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         log.exception("%s crashed", method, extra={"rpc": method})
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(e).__name__}; see the server log")
 
-    if handler.unary_unary is not None:
-        inner = handler.unary_unary
-
-        async def unary(request, context):
+    def mapped(inner, check_request: bool):
+        async def handle(request, context):
             try:
-                check_enums(request)
+                if check_request:
+                    check_enums(request)
                 return await inner(request, context)
             except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as e:
                 await on_error(e, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        return handle
+
+    io = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(mapped(handler.unary_unary, True), **io)
     if handler.unary_stream is not None:
         inner_stream = handler.unary_stream
 
@@ -94,22 +96,9 @@ def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
             except Exception as e:
                 await on_error(e, context)
 
-        return grpc.unary_stream_rpc_method_handler(
-            stream, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.stream_unary is not None:
-        inner_client_stream = handler.stream_unary
-
-        async def client_stream(request_iterator, context):  # the servicer checks each message's enums
-            try:
-                return await inner_client_stream(request_iterator, context)
-            except (grpc.aio.AbortError, asyncio.CancelledError):
-                raise
-            except Exception as e:
-                await on_error(e, context)
-
-        return grpc.stream_unary_rpc_method_handler(
-            client_stream, request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer)
+        return grpc.unary_stream_rpc_method_handler(stream, **io)
+    if handler.stream_unary is not None:  # an upload: the servicer checks each message's enums as it reads them
+        return grpc.stream_unary_rpc_method_handler(mapped(handler.stream_unary, False), **io)
     return handler
 
 

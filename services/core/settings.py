@@ -121,8 +121,14 @@ class ServiceSettings(StoreSettings, RaySettings):
                     "current directory; the containers set /imports")
 
     def roots(self) -> list[Path]:
-        """The import roots, resolved (a root that is a symlink is the folder it points to)."""
-        return [Path(r).resolve() for r in self.import_roots.split(os.pathsep) if r.strip()]
+        """The import roots as written and as resolved (a root reached through a symlink, /home -> /data/home, holds
+        the paths a client writes either way)."""
+        out: list[Path] = []
+        for r in (r.strip() for r in self.import_roots.split(os.pathsep)):
+            for p in (Path(os.path.normpath(os.path.abspath(r))), Path(r).resolve()) if r else ():
+                if p not in out:
+                    out.append(p)
+        return out
 
     def tokens(self) -> set[str]:
         tokens = {t.strip() for t in self.auth_tokens.split(",") if t.strip()}

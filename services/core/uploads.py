@@ -106,9 +106,6 @@ class Uploads:
     def _part_key(self, sha: str, size: int, index: int) -> str:
         return self._prefix(sha, size) + f"{index:08d}"
 
-    def _part_len(self, size: int, index: int) -> int:
-        return min(self.part, size - index * self.part)
-
     def read_part(self, sha: str, size: int, index: int) -> bytes:
         return self.objects.get_bytes(self._part_key(sha, size, index))
 
@@ -125,9 +122,11 @@ class Uploads:
         self.check(sha, size)
         if self.objects.size(self.artifacts.blob_key(sha)) == size:
             return UploadStatus(sha, size, True, size)
+        # one listing, not a request per part: a part is written whole (an atomic put) or not at all
+        prefix = self._prefix(sha, size)
+        kept = {k[len(prefix):] for k in self.objects.list(prefix)}
         index = 0
-        while index * self.part < size and \
-                self.objects.size(self._part_key(sha, size, index)) == self._part_len(size, index):
+        while index * self.part < size and f"{index:08d}" in kept:
             index += 1
         return UploadStatus(sha, size, False, min(index * self.part, size))
 

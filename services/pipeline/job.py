@@ -462,7 +462,7 @@ class Pipeline:
                 # the form is made and stays; this cluster's engine cannot run it (say, W4A16 on a CPU without
                 # AVX-512): not evaluated, never served here, and the arc goes on
                 form.verdict = "NOT EVALUATED"
-                reason = str(e).split(UNSUPPORTED_HERE + ": ", 1)[-1].split("\n")[0]
+                reason = str(e).split(UNSUPPORTED_HERE + ": ", 1)[-1].split("\n")[0].split("; submit the pipeline")[0]
                 self.notes.append(f"{scheme}: made, not evaluated: {reason}")
                 self.ctx.event(f"{scheme}: not evaluated here ({reason})", level="warning")
                 return

@@ -151,7 +151,10 @@ def test_demo_is_the_main_job(tmp_path):
     kinds = {j["kind"] for j in listed}
     assert {"pipeline.run", "registry.import_model", "datagen.prepare", "training.sft", "evaluation.run",
             "merging.merge", "quantization.quantize", "serving.deploy", "serving.delete"} <= kinds, kinds
-    assert all(j["state"] == "JOB_STATE_SUCCEEDED" for j in listed), [(j["id"], j["state"]) for j in listed]
+    # every job succeeded, but for the W4A16 eval on a CPU whose vLLM has no W4A16 kernel (refused, see above)
+    refused = {f"{result['pipeline']}-eval-gptq-w4a16"} if cpu_cannot_run("gptq-w4a16", "cpu") else set()
+    assert all(j["state"] == "JOB_STATE_SUCCEEDED" or (j["id"] in refused and j["state"] == "JOB_STATE_FAILED")
+               for j in listed), [(j["id"], j["state"]) for j in listed]
     assert all(j["labels"]["pipeline"] == result["pipeline"] and j["labels"]["smoke"] == "true" for j in listed
                if j["kind"] != "serving.delete"), [(j["id"], j.get("labels")) for j in listed]
     merge_job = next(j for j in listed if j["kind"] == "merging.merge")

@@ -109,6 +109,16 @@ def test_a_folder_without_config_json_is_not_listed(tmp_path):
 def test_the_embedded_default_roots_are_home_and_the_current_folder(monkeypatch, tmp_path):
     monkeypatch.delenv("TUNERY_IMPORT_ROOTS", raising=False)
     monkeypatch.chdir(tmp_path)
-    assert RegistrySettings().roots() == [Path.home().resolve(), tmp_path.resolve()]
+    assert {Path.home().resolve(), tmp_path.resolve()} <= set(RegistrySettings().roots())
     monkeypatch.setenv("TUNERY_IMPORT_ROOTS", f"/imports{os.pathsep}/data")
     assert RegistrySettings().roots() == [Path("/imports"), Path("/data")]
+
+
+def test_a_root_reached_through_a_symlink_holds_paths_written_either_way(tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "d.jsonl").write_text("{}\n")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    monkeypatch.setenv("TUNERY_IMPORT_ROOTS", str(tmp_path / "link"))
+    roots = RegistrySettings().roots()
+    for written in (tmp_path / "link" / "d.jsonl", tmp_path / "real" / "d.jsonl"):
+        assert host_path(str(written), "spec.source", roots=roots) == written
