@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# llama.cpp for the GGUF schemes (services/quantization/llama_cpp.py), with nothing to compile: two npm tarballs
+# llama.cpp for the GGUF schemes (services/core/llama_cpp.py), with nothing to compile: two npm tarballs
 # pinned with their integrity in infra/llama-cpp/packages.txt, unpacked into build/llama-cpp/pkg/<name>:
 #   node-llama-cpp             its llama/gitRelease.bundle checked out as build/llama-cpp/src
 #                              (convert_hf_to_gguf.py, conversion/, gguf-py/)

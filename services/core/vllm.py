@@ -28,6 +28,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.core.hardware import cpu_flags
 from services.core.net import LOOPBACK, free_port
 from services.core.processes import die_with_parent, group_alive
 
@@ -168,15 +169,6 @@ def engine_args(model_dir: str, device: str, max_model_len: int = MAX_MODEL_LEN,
 # and that library has no `cpu_gemm_wna16` (the W4A16 GEMM): the engine starts, then dies on its first request
 AVX512_ONLY_ON_CPU = {"gptq-w4a16": "cpu_gemm_wna16", "awq-w4a16": "cpu_gemm_wna16"}
 UNSUPPORTED_HERE = "the engine cannot run this form on this hardware"
-
-
-def cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    try:
-        text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
 
 
 def cpu_cannot_run(scheme: str, device: str, flags: set[str] | None = None) -> str:

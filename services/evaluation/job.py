@@ -141,7 +141,8 @@ def run_suite(label: str, served: str, base_url: str, cases: list, user: dict | 
 class Suite:
     """Everything that makes the tests, loaded before any model server starts."""
 
-    cases: list            # what is sent (for the prompting baseline: wrapped with the system prompt and shots)
+    cases: list            # the tests as written (what the model, the adapter and the base are sent)
+    prompted: list | None  # the same tests wrapped with the system prompt and shots (prompting runs), else None
     user: dict[str, Any] | None
     lm_eval: LmEvalSetup | None
     sha256: str            # of the unwrapped cases, the user's suite and the lm-eval options
@@ -154,17 +155,17 @@ class Suite:
         lm_eval = LmEvalSetup(ctx, spec) if spec.suite.lm_eval is not None else None
         sha = C.suite_sha256(ours, user_yaml + (json.dumps(lm_eval.controls, sort_keys=True) if lm_eval else ""))
         t = spec.target
-        sent = ours
-        if t.kind == "prompted":
+        prompted = None
+        if t.prompting:
             shots = []
             if t.few_shot_k:
                 d = ctx.artifacts.materialize(t.few_shot_dataset, ctx.settings.cache_dir, paths=["train.jsonl"])
                 shots = C.few_shot(d / "train.jsonl", t.few_shot_k, spec.sampling.seed)
-            sent = C.prompted(ours, t.system_prompt, shots)
+            prompted = C.prompted(ours, t.system_prompt, shots)
         ctx.event(f"{len(ours)} cases ({', '.join(f'{b}: {sum(c.block == b for c in ours)}' for b in scoring.BLOCKS)})"
                   + (f" + the user's promptfoo suite ({len(user['tests'])} tests)" if user else "")
                   + (f" + lm-eval tasks {', '.join(spec.suite.lm_eval.tasks)}" if lm_eval else ""))
-        return cls(sent, user, lm_eval, sha)
+        return cls(ours, prompted, user, lm_eval, sha)
 
 
 @dataclass
@@ -252,7 +253,8 @@ def served_target(ctx: JobContext, spec: EvalJobSpec, work: Path) -> Target:
         adapter = ctx.artifacts.resolve(t.adapter)
         parents.append(adapter.ref())
         adapters[adapter.name] = str(ctx.artifacts.materialize(adapter.ref(), cache))
-        runs = [("candidate", adapter.name)] + ([("baseline", model.name)] if spec.with_baseline else [])
+        runs = [("candidate", adapter.name)] + ([("baseline", model.name)] if spec.with_baseline else []) \
+            + ([("prompting", model.name)] if t.prompting else [])  # the base prompted, on the same engine
     else:
         runs = [("run", model.name)]
     parser = tool_call_parser_for(template, model.metadata.get("model_type", ""))
@@ -301,14 +303,15 @@ def run_one(ctx: JobContext, spec: EvalJobSpec, suite: Suite, target: Target, la
     if answered != served:
         ctx.fail(f"asked for {served!r} but {answered!r} answered; the run would not measure the target")
     t0 = time.monotonic()
-    tests, raw = run_suite(label, served, target.base_url, suite.cases, suite.user, spec, work, timeout_s=3600,
-                           api_key=target.harness_args.get("api_key") or "")
+    prompting = is_prompting(spec, label)
+    tests, raw = run_suite(label, served, target.base_url, suite.prompted if prompting else suite.cases, suite.user,
+                           spec, work, timeout_s=3600, api_key=target.harness_args.get("api_key") or "")
     harness = None
     if suite.lm_eval is not None:
         ctx.phase(f"lm-eval on {served}")
         harness = suite.lm_eval.run(label, model_args(base_url=target.base_url, model=served, seed=spec.sampling.seed,
                                                       **target.harness_args),
-                                    work, spec.target.system_prompt if spec.target.kind == "prompted" else "",
+                                    work, spec.target.system_prompt if prompting else "",
                                     spec.sampling.seed)
         tests += harness.tests
         ctx.event(f"lm-eval on {served}: " + ", ".join(
@@ -318,18 +321,33 @@ def run_one(ctx: JobContext, spec: EvalJobSpec, suite: Suite, target: Target, la
     return Run(label, served, answered, tests, blocks, raw, time.monotonic() - t0, harness)
 
 
+def is_prompting(spec: EvalJobSpec, label: str) -> bool:
+    """Whether the run labelled `label` sends the prompting baseline's system prompt and shots."""
+    return spec.target.kind == "prompted" or (label == "prompting" and spec.target.prompting)
+
+
+def run_target(spec: EvalJobSpec, label: str) -> dict[str, Any]:
+    """What a run measured, as its report states it: an adapter target's prompting run is the base prompted (the
+    adapter off), a prompted target."""
+    t = spec.target
+    if t.kind == "adapter" and label == "prompting":
+        return t.model_copy(update={"kind": "prompted", "adapter": None}).model_dump(mode="json")
+    return t.model_dump(mode="json")
+
+
 def save_report(ctx: JobContext, spec: EvalJobSpec, suite: Suite, target: Target, run: Run, work: Path,
                 name: str) -> None:
     from services.evaluation.html import report_html
 
     t = spec.target
     h = run.harness
-    report = {"name": name, "label": run.label, "target": t.model_dump(mode="json") | {"served_as": run.served},
+    what = run_target(spec, run.label)
+    report = {"name": name, "label": run.label, "target": what | {"served_as": run.served},
               "target_label": run.served, "answering_model": run.answered,
               "answering_checked": run.answered == run.served, "adapter_enabled": run.label == "candidate",
               "controls": target.controls, "blocks": run.blocks, "tests": run.tests,
               "prompting": {"system_prompt": t.system_prompt, "few_shot_k": t.few_shot_k}
-              if t.kind == "prompted" else None,
+              if is_prompting(spec, run.label) else None,
               "lm_eval": {"version": h.version, "tasks": h.tasks, "seconds": h.seconds} if h else None,
               "timing": {"server_start_s": target.start_s, "tests_s": run.seconds,
                          "lm_eval_s": h.seconds if h else 0.0}}
@@ -347,7 +365,7 @@ def save_report(ctx: JobContext, spec: EvalJobSpec, suite: Suite, target: Target
                                                              if spec.suite.promptfoo_suite else []))
     for _ in w.add_dir(d):
         pass
-    ctx.commit(w, metadata={"report": "eval", "label": run.label, "target_kind": t.kind, "served_as": run.served,
+    ctx.commit(w, metadata={"report": "eval", "label": run.label, "target_kind": what["kind"], "served_as": run.served,
                             "suite_sha256": suite.sha256, "controls": target.controls},
                metrics={f"{b}_pass_rate": v["pass_rate"] for b, v in run.blocks.items()}
                | {"tests_s": run.seconds, "server_start_s": target.start_s})

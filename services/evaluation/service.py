@@ -145,15 +145,15 @@ class EvaluationService:
                 raise FailedPrecondition(f"spec.target.adapter: {adapter.id} was trained on {trained_on}, not "
                                          f"{model.uri}; evaluate it on its own base")
             t = t.model_copy(update={"adapter": adapter.ref()})
-        if t.kind == "prompted":
-            if not t.system_prompt and not t.few_shot_k:
-                raise InvalidArgument.field("spec.target.prompted", "give a system prompt, few-shot examples or both")
-            if t.few_shot_k:
-                data = self.artifacts.require(t.few_shot_dataset, "spec.target.prompted.few_shot_dataset", "dataset")
-                if "train.jsonl" not in {f.path for f in data.files}:
-                    raise FailedPrecondition(f"spec.target.prompted.few_shot_dataset: {data.id} is not a prepared "
-                                             "dataset (no train split to take examples from)")
-                t = t.model_copy(update={"few_shot_dataset": data.ref()})
+        prompted = "spec.target.prompted" if t.kind == "prompted" else "spec.target.adapter.prompting"
+        if t.kind == "prompted" and not t.prompting:
+            raise InvalidArgument.field(prompted, "give a system prompt, few-shot examples or both")
+        if t.prompting and t.few_shot_k:
+            data = self.artifacts.require(t.few_shot_dataset, f"{prompted}.few_shot_dataset", "dataset")
+            if "train.jsonl" not in {f.path for f in data.files}:
+                raise FailedPrecondition(f"{prompted}.few_shot_dataset: {data.id} is not a prepared dataset (no "
+                                         "train split to take examples from)")
+            t = t.model_copy(update={"few_shot_dataset": data.ref()})
         return t, model
 
     def _suite(self, s: SuiteSpec, inline_suite: InlineSuite, target: TargetSpec,

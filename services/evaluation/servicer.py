@@ -39,7 +39,16 @@ def target_from_pb(t: ev.EvalTarget) -> dict[str, Any]:
     if form == "model":
         return {"kind": "model", "model": _ref(t.model)}
     if form == "adapter":
-        return {"kind": "adapter", "model": _ref(t.adapter.base_model), "adapter": _ref(t.adapter.adapter)}
+        a = t.adapter
+        target = {"kind": "adapter", "model": _ref(a.base_model), "adapter": _ref(a.adapter)}
+        if a.HasField("prompting"):
+            p = a.prompting
+            if p.model.uri and p.model.uri != a.base_model.uri:
+                raise InvalidArgument.field("spec.target.adapter.prompting.model", "the prompting baseline runs the "
+                                            "base on the adapter's engine: leave it empty or give base_model")
+            target |= {"system_prompt": p.system_prompt, "few_shot_k": p.few_shot_k,
+                       "few_shot_dataset": _ref(p.few_shot_dataset)}
+        return target
     if form == "prompted":
         p = t.prompted
         return {"kind": "prompted", "model": _ref(p.model), "system_prompt": p.system_prompt,

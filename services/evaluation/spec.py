@@ -28,6 +28,12 @@ class TargetSpec(BaseModel):
     deployment: str = ""                             # kind deployment: its name ...
     served_model: str = ""                           # ... and the model it serves to evaluate ("" = the base)
 
+    @property
+    def prompting(self) -> bool:
+        """Whether a run sends the prompting baseline's system prompt and shots: the prompted target's only run, or
+        an adapter target's third run (the base prompted, on the adapter's engine)."""
+        return self.kind in ("prompted", "adapter") and bool(self.system_prompt or self.few_shot_k)
+
 
 class LmEvalSpec(BaseModel):
     """lm-evaluation-harness tasks in the general block. `tasks` are what the request named (or, with task files

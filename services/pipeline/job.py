@@ -1,9 +1,9 @@
 """The pipeline job: `python -m services.pipeline.job <spec-uri>` (control environment).
 
 pipeline.run drives the stage services over gRPC through the SDK, one stage job at a time, and never does a stage's
-work itself. setup (the spec, a client of the stage services) -> run (import -> data -> prompting baseline -> train
--> eval -> gates -> merge -> eval merged -> quantize each form -> eval it -> serve the best form that passed -> eval
-the deployment) -> save (one `report` artifact: pipeline.json and pipeline.html, parents every artifact it made).
+work itself. setup (the spec, a client of the stage services) -> run (import -> data -> train -> eval: base, base +
+adapter and the prompting baseline on one engine -> gates -> merge -> eval merged -> quantize each form -> eval it ->
+serve the best form that passed -> eval the deployment) -> save (one `report` artifact: pipeline.json and pipeline.html, parents every artifact it made).
 
 Each stage job's idempotency key is `<pipeline id>-<stage>`: a later attempt of the same pipeline (after this one
 was killed, failed or was cancelled) finds the stage jobs that already ran or still run and re-attaches to them
@@ -326,14 +326,18 @@ class Pipeline:
         if probes:
             self.made["fact_probes"] = probes
 
-        prompted = ""
+        # the prompting baseline (is a system prompt and k examples enough?) runs on the eval stage's engine, beside
+        # the base and the adapter; only a pipeline that skips eval gives it a stage (and an engine) of its own
+        prompted, prompting = "", None
         if "prompting" not in self.skip and (spec.system_prompt or spec.few_shot_k):
-            target = evaluation_pb2.EvalTarget(prompted=evaluation_pb2.PromptedTarget(
-                model=ref(base), system_prompt=spec.system_prompt, few_shot_k=spec.few_shot_k,
-                few_shot_dataset=ref(data)))
-            prompted = self.evaluate("prompting", f"baseline: base + system prompt + {spec.few_shot_k}-shot", target,
-                                     suite, self.name("prompting")).outputs[0].uri
-            self.made["prompting_report"] = prompted
+            prompting = evaluation_pb2.PromptedTarget(system_prompt=spec.system_prompt, few_shot_k=spec.few_shot_k,
+                                                      few_shot_dataset=ref(data))
+            if "eval" in self.skip:
+                prompting.model.CopyFrom(ref(base))
+                prompted = self.evaluate("prompting", f"baseline: base + system prompt + {spec.few_shot_k}-shot",
+                                         evaluation_pb2.EvalTarget(prompted=prompting), suite,
+                                         self.name("prompting")).outputs[0].uri
+                self.made["prompting_report"] = prompted
 
         t = training_pb2.TrainingSpec()
         t.CopyFrom(spec.train)
@@ -352,11 +356,14 @@ class Pipeline:
 
         adapter_form = Form("base+adapter", adapter)
         if "eval" not in self.skip:
-            evaluated = self.evaluate("eval", "evaluate base and base + adapter on one engine", evaluation_pb2.EvalTarget(
-                adapter=evaluation_pb2.AdapterTarget(base_model=ref(base), adapter=ref(adapter))), suite,
-                self.name("eval"))
+            evaluated = self.evaluate(
+                "eval", "evaluate base, base + adapter" + (" and the prompting baseline" if prompting else "")
+                + " on one engine", evaluation_pb2.EvalTarget(adapter=evaluation_pb2.AdapterTarget(
+                    base_model=ref(base), adapter=ref(adapter), prompting=prompting)), suite, self.name("eval"))
             labels = {self.c.get_artifact(o.uri).metadata["label"]: o.uri for o in evaluated.outputs}
             self.made["baseline_report"], self.made["candidate_report"] = labels["baseline"], labels["candidate"]
+            if "prompting" in labels:
+                prompted = self.made["prompting_report"] = labels["prompting"]
             adapter_form.report = labels["candidate"]
             self.gates(labels["baseline"], labels["candidate"], prompted)
             if self.gate["verdict"] != "PASS" and not spec.force and not self.smoke:

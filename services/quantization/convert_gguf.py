@@ -1,5 +1,5 @@
 """`python -m services.quantization.convert_gguf MODEL_DIR --outfile F --outtype T`: llama.cpp's own
-convert_hf_to_gguf.py (from the toolchain on PYTHONPATH, services.quantization.llama_cpp.Toolchain.convert), with one
+convert_hf_to_gguf.py (from the toolchain on PYTHONPATH, services.core.llama_cpp.Toolchain.convert), with one
 change: a BPE tokenizer whose token hash the converter does not know (a custom tokenizer, where adding a hash needs
 the hub) gets llama.cpp's `gpt-2` pre-tokenizer when, and only when, its own tokenizer.json says it is what that
 pre-tokenizer does: a byte-level BPE with `use_regex: true` and `add_prefix_space: false` (the GPT-2 split, token

@@ -1,5 +1,5 @@
 """The GGUF schemes of the quantize job (gguf-f16, gguf-q8_0, gguf-q4_k_m), with llama.cpp's own converter and
-quantizer (services.quantization.llama_cpp):
+quantizer (services.core.llama_cpp):
 
 setup (materialise the model; the probes: calibration conversations when a dataset is given, else fixed ones, each
 with a system message) -> run (convert to a float GGUF, quantize it, read back each tensor's type; load the file in
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from services.core.jobctx import JobContext
 from services.core.memory import PeakRss
-from services.quantization.llama_cpp import LlamaCpp, Toolchain
+from services.core.llama_cpp import LlamaCpp, Toolchain
 from services.quantization.modelfile import chatml_system, modelfile
 from services.quantization.schemes import SCHEMES
 from services.quantization.spec import QuantizeSpec

@@ -64,16 +64,52 @@ def calibration_set(ctx: JobContext, spec: QuantizeSpec, tokenizer) -> Calibrati
     return Calibration(texts, probes, digest, data.uri)
 
 
-def load(model_dir: Path, resident_bytes: int, offload_dir: Path):
-    """The model with its weights beyond `resident_bytes` offloaded to local disk (compressed-tensors' offloading:
-    onloaded module by module when used)."""
+def load(model_dir: Path, resident_bytes: int, offload_dir: Path, dtype: str = "auto"):
+    """The model in `dtype` ("auto": its own) with its weights beyond `resident_bytes` offloaded to local disk
+    (compressed-tensors' offloading: onloaded module by module when used)."""
     from compressed_tensors.offload import load_offloaded_model
     from transformers import AutoModelForCausalLM
 
     with load_offloaded_model():
-        return AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map="auto",
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map="auto",
                                                     max_memory={"cpu": max(resident_bytes, 1 << 20)},
                                                     offload_folder=str(offload_dir))
+
+
+def stored_dtype(model_dir: Path) -> str:
+    """The dtype a checkpoint's config says its weights are in ("" when it does not say)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "")
+
+
+def store_floats_as(folder: Path, dtype: str) -> int:
+    """Rewrite a saved checkpoint's float32 tensors (the unquantized weights, the quantization scales) in `dtype`,
+    one shard at a time, and say so in its config.json: a model computed in float32 is stored in its own 16-bit dtype
+    again (vLLM's W4A16 kernels take 16-bit activations). Integer tensors (packed weights, zero points) are kept.
+    Returns the number of tensors cast."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    target = getattr(torch, dtype)
+    cast = 0
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        for k, t in tensors.items():
+            if t.dtype == torch.float32:
+                tensors[k], cast = t.to(target), cast + 1
+        tmp = shard.with_suffix(".tmp")
+        save_file(tensors, tmp, metadata=metadata)
+        tmp.replace(shard)
+        del tensors
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config or key == "dtype":
+            config[key] = dtype
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return cast
 
 
 def greedy(model, tokenizer, conversations: list[list[dict]]) -> list[list[int]]:
@@ -185,6 +221,7 @@ def quantize_job(ctx: JobContext, spec: QuantizeSpec) -> None:
     from llmcompressor import oneshot
     from transformers import AutoTokenizer
 
+    from services.core.hardware import compute_dtype
     from services.core.modeldir import inspect_model
 
     # setup
@@ -195,6 +232,9 @@ def quantize_job(ctx: JobContext, spec: QuantizeSpec) -> None:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     cal = calibration_set(ctx, spec, tokenizer)
     scheme = SCHEMES[spec.scheme]
+    # a CPU without native bf16 computes in float32 (services.core.hardware); the output is stored in the model's dtype
+    dtype, own = compute_dtype("cuda" if torch.cuda.is_available() else "cpu"), stored_dtype(model_dir)
+    recast = dtype == "float32" and own not in ("", "float32")
     work = Path(tempfile.mkdtemp(prefix="tunery-quantize-"))
     out = work / "quantized"
     try:
@@ -202,11 +242,12 @@ def quantize_job(ctx: JobContext, spec: QuantizeSpec) -> None:
                   f"precision" + (f", group size {spec.group_size}" if spec.group_size else "")
                   + (f"; calibrating on {len(cal.texts)} conversations of {cal.dataset_uri} ({spec.calibration_source})"
                      if cal else "; data-free") + f"; {spec.resident_weight_bytes / 2**20:.0f} MiB of weights "
-                  f"resident, the rest offloaded to disk (planned peak {spec.planned_peak_bytes / 2**20:.0f} MiB)")
+                  f"resident, the rest offloaded to disk (planned peak {spec.planned_peak_bytes / 2**20:.0f} MiB)"
+                  + (f"; computing in float32 (this CPU has no native bf16), stored in {own}" if recast else ""))
         # run: the reference answers, then the oneshot calibration, layer by layer
         t0 = time.monotonic()
         with PeakRss() as rss:
-            lm = load(model_dir, spec.resident_weight_bytes, work / "offload")
+            lm = load(model_dir, spec.resident_weight_bytes, work / "offload", dtype)
             probes = cal.probes if cal else [[{"role": "user", "content": "What is the capital of France?"}]]
             reference = greedy(lm, tokenizer, probes)
             kwargs = {}
@@ -228,11 +269,13 @@ def quantize_job(ctx: JobContext, spec: QuantizeSpec) -> None:
             lm.save_pretrained(out, save_compressed=True, max_shard_size=MAX_SHARD)
             tokenizer.save_pretrained(out)
             del lm
+            if recast:
+                store_floats_as(out, own)
         quantize_s = time.monotonic() - t0
         # run: the saved checkpoint loads and answers like the model it came from
         ctx.phase("reloading the quantized checkpoint and comparing its answers")
         with PeakRss() as check_rss:
-            reloaded = load(out, spec.resident_weight_bytes, work / "offload-check")
+            reloaded = load(out, spec.resident_weight_bytes, work / "offload-check", dtype)
             answers = greedy(reloaded, tokenizer, probes)
             del reloaded
         rate, identical = agreement(reference, answers)
@@ -264,6 +307,7 @@ def quantize_job(ctx: JobContext, spec: QuantizeSpec) -> None:
             "calibration_samples": len(cal.texts) if cal else 0,
             "calibration_max_seq_len": spec.calibration_max_seq_len if cal else 0,
             "calibration_source": spec.calibration_source, "engine": scheme.engine,
+            "compute_dtype": "float32" if dtype == "float32" else own or "auto",
             "gpu_only_serving": scheme.gpu_only_serving}
         ctx.commit(writer, metadata=metadata, metrics={k: v for k, v in figures.items()
                                                         if k not in ("quantize_s",)})

@@ -31,9 +31,10 @@ def only(env, kind: str, name: str) -> dict:
 def test_demo_is_the_main_job(tmp_path):
     """`tunery pipeline run examples/demo.yaml --smoke` (what `make demo` runs, on the smoke slice): the whole arc as
     one pipeline job on the real-model fixture (SmolLM2-135M-Instruct), from a stack the command starts itself (as
-    `make demo` on a fresh machine): import -> prepare -> training mix -> prompting baseline -> 6 training steps ->
-    base and adapter on one engine -> gates -> merge -> eval merged -> GPTQ W4A16 -> eval again -> a deployment ->
-    its eval -> the report; in smoke mode the gates report and do not stop, and the deployment is deleted."""
+    `make demo` on a fresh machine): import -> prepare -> training mix -> 6 training steps -> base, base + adapter
+    and the prompting baseline on one engine -> gates -> merge -> eval merged -> GPTQ W4A16 -> eval again -> GGUF
+    Q4_K_M -> a deployment -> its eval -> the report; in smoke mode the gates report and do not stop, and the
+    deployment is deleted."""
     from services.merging.spec import TOLERANCES
     from tests.session import fixture_model, require_loopback
 
@@ -75,7 +76,7 @@ def test_demo_is_the_main_job(tmp_path):
     # the fact probes are facts the base states: by knowledge it knows them; exact match is the stricter figure
     base_general = result["blocks"]["base"]["general"]
     assert base_general["exact_total"] == 6 and base_general["exact_passed"] < 6
-    # prompting ran first, controlled (same engine build, precision, sampling), paired on the same tickets
+    # the prompting baseline ran on the eval stage's engine (no stage of its own), paired on the same tickets
     assert result["artifacts"]["prompting_report"] and any(
         r.startswith("vs prompting baseline") and "paired, McNemar" in r for r in reasons), reasons
     assert not any("UNCONTROLLED" in r for r in reasons), reasons
@@ -128,7 +129,7 @@ def test_demo_is_the_main_job(tmp_path):
     assert result["blocks"]["deployment demo-smoke"]["target"]["total"] == 6 and dep["verdict"] in ("PASS", "FAIL")
     assert "/chat/completions" in result["endpoint_call"]
     stages = [s["stage"] for s in result["stages"]]
-    assert stages == ["import-base", "import-data", "import-extra-1", "import-facts", "data", "data-mix", "prompting",
+    assert stages == ["import-base", "import-data", "import-extra-1", "import-facts", "data", "data-mix",
                       "train", "eval", "merge", "eval-merged", "quantize-gptq-w4a16", "eval-gptq-w4a16",
                       "quantize-gguf-q4_k_m", "serve", "eval-deployment"], stages
     assert all(s["seconds"] > 0 and not s["reattached"] for s in result["stages"]), result["stages"]

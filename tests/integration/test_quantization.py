@@ -161,7 +161,7 @@ def test_refusals_have_their_status_codes(seed):
 def test_gguf_q8_0_and_q4_k_m_load_in_llama_cpp_with_a_modelfile(seed, tmp_path):
     """The merged fixture to GGUF with llama.cpp's converter and quantizer: each file loads in llama.cpp (the job's
     check, and again here), its embedded template renders what the model's does, and the Modelfile is ChatML."""
-    from services.quantization.llama_cpp import LlamaCpp, Toolchain
+    from services.core.llama_cpp import LlamaCpp, Toolchain
 
     client = seed.client
     forms = {}

@@ -195,3 +195,69 @@ def test_the_engine_dtype_is_selected_by_device_and_form():
     assert engine_dtype("cpu", quantized=False) == "float32"  # full precision on CPU: the weights as stored
     assert engine_dtype("cpu", quantized=True) == "auto"      # W4A16's CPU kernel has no float32 form
     assert engine_dtype("cuda", quantized=False) == engine_dtype("cuda", quantized=True) == "auto"
+
+
+def test_the_prompting_baseline_rides_on_the_adapter_targets_engine(env):
+    """AdapterTarget.prompting: the base prompted is a third run on the adapter's engine (one engine start, not two),
+    validated as a prompted target is; its report states what ran (the base prompted, no adapter)."""
+    from services.evaluation.job import is_prompting, run_target
+
+    service, store, runner, model = env
+    w = store.writer("adapter", "a")
+    w.add_bytes(b"{}", "adapter_config.json")
+    adapter = w.commit({"base_model": model.uri})[0].ref()
+    w = store.writer("dataset", "d")
+    w.add_bytes(b'{"messages": []}\n', "train.jsonl")
+    w.add_bytes(b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n',
+                "holdout.jsonl")
+    data = w.commit({"stage": "prepared", "num_holdout": 1})[0].ref()
+    base, ad = pb.ArtifactRef(uri=model.uri), pb.ArtifactRef(uri=adapter.uri)
+    s = ev.EvalSpec(target=ev.EvalTarget(adapter=ev.AdapterTarget(base_model=base, adapter=ad, prompting=ev.PromptedTarget(
+        system_prompt="Be brief.", few_shot_k=2, few_shot_dataset=pb.ArtifactRef(uri=data.uri)))),
+        suite=ev.EvalSuite(heldout_dataset=pb.ArtifactRef(uri=data.uri)))
+    js, _ = spec_from_pb(s)
+    t = js.target
+    assert (t.kind, t.system_prompt, t.few_shot_k, t.few_shot_dataset.uri, t.prompting) == (
+        "adapter", "Be brief.", 2, data.uri, True)
+    submit(service(), js)
+    [req] = runner.submitted
+    queued = EvalJobSpec.model_validate(req.spec)
+    assert queued.target.few_shot_dataset.sha256 == data.sha256  # resolved, as a prompted target's is
+    assert [is_prompting(queued, label) for label in ("candidate", "baseline", "prompting")] == [False, False, True]
+    assert run_target(queued, "prompting")["kind"] == "prompted" and run_target(queued, "prompting")["adapter"] is None
+    assert run_target(queued, "candidate")["adapter"]["uri"] == adapter.uri
+    # without a prompting part an adapter target makes no prompting run
+    plain, _ = spec_from_pb(ev.EvalSpec(target=ev.EvalTarget(adapter=ev.AdapterTarget(base_model=base, adapter=ad)),
+                                        suite=s.suite))
+    assert not plain.target.prompting and not is_prompting(plain, "prompting")
+    # refused, naming the field: another model, shots without a dataset, a dataset that is not prepared
+    other = ev.PromptedTarget(model=pb.ArtifactRef(uri="tunery://p/model/other"), system_prompt="x")
+    with pytest.raises(InvalidArgument, match="spec.target.adapter.prompting.model"):
+        spec_from_pb(ev.EvalSpec(target=ev.EvalTarget(adapter=ev.AdapterTarget(
+            base_model=base, adapter=ad, prompting=other)), suite=s.suite))
+    no_data = js.target.model_copy(update={"few_shot_dataset": None})
+    with pytest.raises(InvalidArgument, match="spec.target.adapter.prompting.few_shot_dataset"):
+        submit(service(), js.model_copy(update={"target": no_data}))
+    raw = store.writer("dataset", "raw")
+    raw.add_bytes(b"{}\n", "data.jsonl")
+    unprepared = js.target.model_copy(update={"few_shot_dataset": raw.commit({"stage": "raw"})[0].ref()})
+    with pytest.raises(FailedPrecondition, match="spec.target.adapter.prompting.few_shot_dataset: .* not a prepared"):
+        submit(service(), js.model_copy(update={"target": unprepared}))
+    assert len(runner.submitted) == 1
+
+
+def test_the_cli_puts_the_prompting_baseline_on_the_adapters_engine():
+    """`tunery eval run --model B --adapter A --system-prompt S --few-shot K`: one adapter target with a prompting
+    part (one engine); without --adapter the prompted target of its own, as before."""
+    from services.cli.commands.evaluate import _eval_target
+
+    both = _eval_target("tunery://p/model/b", "tunery://p/adapter/a", "Be brief.", 2, "tunery://p/dataset/d", "", "", "")
+    a = both.adapter
+    assert both.WhichOneof("form") == "adapter" and a.HasField("prompting") and not a.prompting.model.uri
+    assert (a.prompting.system_prompt, a.prompting.few_shot_k, a.prompting.few_shot_dataset.uri) == (
+        "Be brief.", 2, "tunery://p/dataset/d")
+    assert not _eval_target("tunery://p/model/b", "tunery://p/adapter/a", "", 0, "", "", "", "").adapter.HasField(
+        "prompting")
+    alone = _eval_target("tunery://p/model/b", "", "Be brief.", 0, "", "", "", "")
+    assert alone.WhichOneof("form") == "prompted" and alone.prompted.model.uri == "tunery://p/model/b"
+    assert spec_from_pb(ev.EvalSpec(target=both, suite=ev.EvalSuite(tool_calling=True)))[0].target.prompting

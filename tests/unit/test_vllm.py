@@ -256,7 +256,8 @@ def test_engine_info_of_the_serve_venv():
 
 
 def test_w4a16_on_a_cpu_without_avx512_is_refused_before_an_engine_starts():
-    from services.core.vllm import UNSUPPORTED_HERE, cpu_cannot_run, cpu_flags
+    from services.core.hardware import cpu_flags
+    from services.core.vllm import UNSUPPORTED_HERE, cpu_cannot_run
 
     avx2 = cpu_flags("processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n")
     avx512 = cpu_flags("flags\t\t: fpu avx2 avx512f avx512bw\n")

@@ -29,12 +29,14 @@ def _eval_target(model: str, adapter: str, system_prompt: str, few_shot: int, fe
         err.print("give --model (with --adapter, or --system-prompt/--few-shot for the prompting baseline) "
                   "or --endpoint")
         raise typer.Exit(2)
-    if adapter:
-        return ev.EvalTarget(adapter=ev.AdapterTarget(base_model=ref(model), adapter=ref(adapter)))
-    if system_prompt or few_shot:
-        return ev.EvalTarget(prompted=ev.PromptedTarget(
-            model=ref(model), system_prompt=system_prompt, few_shot_k=few_shot,
-            few_shot_dataset=ref(few_shot_dataset) if few_shot_dataset else None))
+    prompting = ev.PromptedTarget(system_prompt=system_prompt, few_shot_k=few_shot,
+                                  few_shot_dataset=ref(few_shot_dataset) if few_shot_dataset else None) \
+        if system_prompt or few_shot else None
+    if adapter:  # with --system-prompt/--few-shot: the prompting baseline as a third run on the adapter's engine
+        return ev.EvalTarget(adapter=ev.AdapterTarget(base_model=ref(model), adapter=ref(adapter), prompting=prompting))
+    if prompting is not None:
+        prompting.model.CopyFrom(ref(model))
+        return ev.EvalTarget(prompted=prompting)
     return ev.EvalTarget(model=ref(model))
 
 
@@ -43,7 +45,8 @@ def eval_run(
     suite: str = typer.Argument("", help="A promptfooconfig.yaml (optional: the blocks below also make tests)."),
     model: str = typer.Option("", "--model", help="The model artifact (the base, with --adapter)."),
     adapter: str = typer.Option("", "--adapter", help="An adapter: served on the same engine as the base."),
-    system_prompt: str = typer.Option("", help="Prompting baseline: a system prompt."),
+    system_prompt: str = typer.Option("", help="Prompting baseline: a system prompt (with --adapter: a third run, "
+                                                "the base prompted, on the adapter's engine)."),
     few_shot: int = typer.Option(0, help="Prompting baseline: k examples from --few-shot-dataset's train split."),
     few_shot_dataset: str = typer.Option(""),
     endpoint: str = typer.Option("", help="Or an OpenAI-compatible base URL (with --endpoint-model)."),

@@ -81,6 +81,23 @@ class QuantizeParams(ctypes.Structure):
     _fields_ = [("nthread", ctypes.c_int32), ("ftype", ctypes.c_int32), ("rest", ctypes.c_ubyte * (OPAQUE - 8))]
 
 
+class ContextParams(ctypes.Structure):
+    """struct llama_context_params: its leading fields (include/llama.h), the rest opaque."""
+    _fields_ = [("n_ctx", ctypes.c_uint32), ("n_batch", ctypes.c_uint32), ("n_ubatch", ctypes.c_uint32),
+                ("n_seq_max", ctypes.c_uint32), ("n_rs_seq", ctypes.c_uint32), ("n_outputs_max", ctypes.c_uint32),
+                ("n_outputs_max_per_seq", ctypes.c_uint32), ("n_threads", ctypes.c_int32),
+                ("n_threads_batch", ctypes.c_int32), ("rest", ctypes.c_ubyte * (OPAQUE - 36))]
+
+
+def cpu_threads() -> int:
+    """The cores this process may run on: llama.cpp's default (4 threads) spins on a 2-core worker, and decoding
+    slowed ~30x there (SmolLM2-135M: 16 greedy tokens took 50 s)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 class LlamaCpp:
     """The library, its backends loaded once per process."""
 
@@ -109,10 +126,10 @@ class LlamaCpp:
             "llama_model_quantize_default_params": (QuantizeParams, []),
             "llama_model_quantize": (ctypes.c_uint32, [ctypes.c_char_p, ctypes.c_char_p, ctypes.POINTER(QuantizeParams)]),
             "llama_model_default_params": (Opaque, []),
-            "llama_context_default_params": (Opaque, []),
+            "llama_context_default_params": (ContextParams, []),
             "llama_model_load_from_file": (p, [ctypes.c_char_p, Opaque]),
             "llama_model_free": (None, [p]),
-            "llama_init_from_model": (p, [p, Opaque]),
+            "llama_init_from_model": (p, [p, ContextParams]),
             "llama_free": (None, [p]),
             "llama_model_get_vocab": (p, [p]),
             "llama_vocab_n_tokens": (i32, [p]),
@@ -194,7 +211,10 @@ class Model:
         """Greedy continuation of `prompt` (token ids), stopping at an end-of-generation token."""
         import numpy as np
 
-        ctx = self.lib.llama_init_from_model(self.handle, self.lib.llama_context_default_params())
+        params = self.lib.llama_context_default_params()
+        params.n_ctx = max(n_ctx_min, len(prompt) + max_tokens + 1)
+        params.n_threads = params.n_threads_batch = cpu_threads()
+        ctx = self.lib.llama_init_from_model(self.handle, params)
         if not ctx:
             raise RuntimeError("llama.cpp could not make a context")
         try:
