@@ -123,8 +123,9 @@ bench-train: setup-train fixtures ## Training throughput: the job's packed loop 
 bench-merge: setup-train fixtures ## Merge: the streaming merge against PEFT merge_and_unload + save_pretrained and a plain copy
 	.venvs/train/bin/python -m bench.merge
 
-bench-quantize: setup-quantize fixtures ## Quantize memory: the job's offloaded loading against llmcompressor's default, on a >=1 GB model
+bench-quantize: setup-quantize fixtures ## Quantize memory: the job's offloaded loading against llmcompressor's default, on a >=1 GB model; then GGUF Q4_K_M against a raw read
 	.venvs/quantize/bin/python -m bench.quantize
+	.venvs/quantize/bin/python -m bench.quantize --gguf
 
 bench-prepare: setup-control ## Prepare throughput and peak memory on 100k examples, against bare json.loads
 	$(VPY) -m bench.prepare_throughput

@@ -9,6 +9,12 @@ For each: wall time, peak RSS (VmHWM) and the peak above the process's baseline 
 transformers and llmcompressor imported, measured before loading), and the planner's estimate for the job.
 Goal (the quantization issue): the job's peak RSS above baseline <= 0.5x the model's bf16 size.
 Writes build/bench/quantize.json.
+
+    .venvs/quantize/bin/python -m bench.quantize --gguf [--model DIR]
+
+GGUF instead: the job's two steps (llama.cpp's converter to a float GGUF, then llama_model_quantize to Q4_K_M) on a
+model (default: the SmolLM2 fixture) against reading its safetensors bytes once (what any tool must do at least),
+each timed in this process; writes build/bench/quantize-gguf.json.
 """
 
 from __future__ import annotations
@@ -97,8 +103,47 @@ def planned(model_dir: Path, samples: int) -> int:
     return svc.memory_plan(SCHEMES["gptq-w4a16"], arch, flat, spec).peak
 
 
+def bench_gguf(model_dir: Path) -> dict:
+    import time
+
+    from services.core.llama_cpp import LlamaCpp, Toolchain
+
+    toolchain = Toolchain()
+    if toolchain.missing():
+        raise SystemExit(toolchain.missing())
+    work = Path(tempfile.mkdtemp(prefix="tunery-bench-gguf-"))
+    try:
+        files = sorted(model_dir.glob("*.safetensors"))
+        t0 = time.monotonic()
+        size = 0
+        for f in files:
+            with open(f, "rb") as fh:
+                while chunk := fh.read(8 << 20):
+                    size += len(chunk)
+        read_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        toolchain.convert(model_dir, work / "float.gguf", "f32")
+        convert_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        LlamaCpp(toolchain).quantize(work / "float.gguf", work / "q4_k_m.gguf", "gguf-q4_k_m")
+        quantize_s = time.monotonic() - t0
+        out = (work / "q4_k_m.gguf").stat().st_size
+        r = {"model": str(model_dir), "model_bytes": size, "read_s": read_s, "convert_s": convert_s,
+             "quantize_s": quantize_s, "output_bytes": out,
+             "ratios": {"convert_plus_quantize_over_read": (convert_s + quantize_s) / max(read_s, 1e-9),
+                        "compression": size / out}}
+        print(f"read {size / 2**20:.0f} MiB in {read_s:.2f}s; convert {convert_s:.1f}s + Q4_K_M {quantize_s:.1f}s "
+              f"-> {out / 2**20:.0f} MiB ({size / out:.2f}x smaller); "
+              f"{r['ratios']['convert_plus_quantize_over_read']:.0f}x the read", flush=True)
+        return r
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--gguf", action="store_true", help="GGUF conversion + Q4_K_M against a raw read (see above)")
+    ap.add_argument("--model", type=Path, default=ROOT / "build" / "fixtures" / "smollm2-135m-instruct")
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--inter", type=int, default=5632)
@@ -106,6 +151,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--resident-mb", type=int, default=256)
     args = ap.parse_args()
+    if args.gguf:
+        dest = ROOT / "build" / "bench" / "quantize-gguf.json"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(json.dumps(bench_gguf(args.model), indent=1))
+        return
     work = Path(tempfile.mkdtemp(prefix="tunery-bench-quantize-"))
     try:
         src = work / "model"

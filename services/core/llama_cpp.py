@@ -90,12 +90,26 @@ class ContextParams(ctypes.Structure):
 
 
 def cpu_threads() -> int:
-    """The cores this process may run on: llama.cpp's default (4 threads) spins on a 2-core worker, and decoding
-    slowed ~30x there (SmolLM2-135M: 16 greedy tokens took 50 s)."""
+    """llama.cpp's threads: TUNERY_LLAMA_THREADS, else half the cores this process may run on (at least 1).
+    ggml's threads spin while they wait for each other, so more of them than free cores is many times slower: on
+    this project's 2-core machines 16 greedy tokens of SmolLM2-135M took 50 s with llama.cpp's default 4 threads,
+    0.25 s with 2 threads on an idle machine, and under load (the test suite beside it) 4.7-14 s with 2 threads
+    against 0.8-1.0 s with 1."""
+    if os.environ.get("TUNERY_LLAMA_THREADS", "").strip():
+        return max(1, int(os.environ["TUNERY_LLAMA_THREADS"]))
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+    return max(1, cores // 2)
+
+
+class Batch(ctypes.Structure):
+    """struct llama_batch (include/llama.h), passed by value to llama_decode."""
+    _fields_ = [("n_tokens", ctypes.c_int32), ("token", ctypes.POINTER(ctypes.c_int32)),
+                ("embd", ctypes.POINTER(ctypes.c_float)), ("pos", ctypes.POINTER(ctypes.c_int32)),
+                ("n_seq_id", ctypes.POINTER(ctypes.c_int32)),
+                ("seq_id", ctypes.POINTER(ctypes.POINTER(ctypes.c_int32))), ("logits", ctypes.POINTER(ctypes.c_int8))]
 
 
 class LlamaCpp:
@@ -135,8 +149,16 @@ class LlamaCpp:
             "llama_vocab_n_tokens": (i32, [p]),
             "llama_vocab_is_eog": (ctypes.c_bool, [p, i32]),
             "llama_tokenize": (i32, [p, ctypes.c_char_p, i32, ctypes.POINTER(i32), i32, ctypes.c_bool, ctypes.c_bool]),
-            "llama_batch_get_one": (Opaque, [ctypes.POINTER(i32), i32]),
-            "llama_decode": (i32, [p, Opaque]),
+            "llama_batch_get_one": (Batch, [ctypes.POINTER(i32), i32]),
+            "llama_decode": (i32, [p, Batch]),
+            "llama_get_memory": (p, [p]),
+            "llama_memory_clear": (None, [p, ctypes.c_bool]),
+            "llama_n_ctx": (ctypes.c_uint32, [p]),
+            "llama_model_n_ctx_train": (i32, [p]),
+            "llama_vocab_bos": (i32, [p]),
+            "llama_vocab_eos": (i32, [p]),
+            "llama_vocab_get_add_bos": (ctypes.c_bool, [p]),
+            "llama_token_to_piece": (i32, [p, i32, ctypes.c_char_p, i32, i32, ctypes.c_bool]),
             "llama_get_logits_ith": (ctypes.POINTER(ctypes.c_float), [p, i32]),
             "llama_model_chat_template": (ctypes.c_char_p, [p, ctypes.c_char_p]),
             "llama_chat_apply_template": (i32, [ctypes.c_char_p, ctypes.POINTER(LlamaChatMessage), ctypes.c_size_t,
@@ -207,31 +229,99 @@ class Model:
             raise RuntimeError("llama.cpp has no built-in renderer for this chat template")
         return buf.raw[:n].decode("utf-8", "replace")
 
+    def n_ctx_train(self) -> int:
+        return int(self.lib.llama_model_n_ctx_train(self.handle))
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.lib.llama_vocab_is_eog(self.vocab, token))
+
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """A token's bytes (special tokens rendered only when `special`); pieces may split a UTF-8 character."""
+        buf = ctypes.create_string_buffer(256)
+        n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self.lib.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:max(n, 0)]
+
+    def special_token(self, which: str) -> str:
+        """The text of the model's "bos" or "eos" token ("" when it has none)."""
+        token = (self.lib.llama_vocab_bos if which == "bos" else self.lib.llama_vocab_eos)(self.vocab)
+        return self.piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
+
+    def add_bos(self) -> bool:
+        return bool(self.lib.llama_vocab_get_add_bos(self.vocab))
+
+    def session(self, n_ctx: int, threads: int = 0) -> "Session":
+        return Session(self, n_ctx, threads or cpu_threads())
+
     def greedy(self, prompt: list[int], max_tokens: int, n_ctx_min: int = 512) -> list[int]:
         """Greedy continuation of `prompt` (token ids), stopping at an end-of-generation token."""
-        import numpy as np
-
-        params = self.lib.llama_context_default_params()
-        params.n_ctx = max(n_ctx_min, len(prompt) + max_tokens + 1)
-        params.n_threads = params.n_threads_batch = cpu_threads()
-        ctx = self.lib.llama_init_from_model(self.handle, params)
-        if not ctx:
-            raise RuntimeError("llama.cpp could not make a context")
-        try:
+        with self.session(max(n_ctx_min, len(prompt) + max_tokens + 1)) as s:
+            logits = s.feed(prompt)[-1]
             out: list[int] = []
-            tokens = (ctypes.c_int32 * len(prompt))(*prompt)
-            batch = self.lib.llama_batch_get_one(tokens, len(prompt))
             for _ in range(max_tokens):
-                if self.lib.llama_decode(ctx, batch) != 0:
-                    raise RuntimeError("llama_decode failed")
-                logits = np.ctypeslib.as_array(self.lib.llama_get_logits_ith(ctx, -1), shape=(self.n_vocab,))
                 nxt = int(logits.argmax())
-                if self.lib.llama_vocab_is_eog(self.vocab, nxt):
+                if self.is_eog(nxt):
                     break
                 out.append(nxt)
-                one = (ctypes.c_int32 * 1)(nxt)
-                tokens = one  # kept alive while the batch points at it
-                batch = self.lib.llama_batch_get_one(tokens, 1)
+                logits = s.feed([nxt])[-1]
             return out
-        finally:
-            self.lib.llama_free(ctx)
+
+
+class Session:
+    """One llama.cpp context of `n_ctx` tokens: feed tokens, read their logits; `reset` empties its KV cache so the
+    next sequence starts at position 0 (one context serves request after request)."""
+
+    def __init__(self, model: Model, n_ctx: int, threads: int):
+        self.model, self.lib = model, model.lib
+        params = self.lib.llama_context_default_params()
+        params.n_ctx = params.n_batch = n_ctx
+        params.n_ubatch = min(n_ctx, 512)
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = self.lib.llama_init_from_model(model.handle, params)
+        if not self.ctx:
+            raise RuntimeError(f"llama.cpp could not make a context of {n_ctx} tokens")
+        self.n_ctx = int(self.lib.llama_n_ctx(self.ctx))
+        self.pos = 0
+
+    def close(self) -> None:
+        if self.ctx:
+            self.lib.llama_free(self.ctx)
+            self.ctx = None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def reset(self) -> None:
+        self.lib.llama_memory_clear(self.lib.llama_get_memory(self.ctx), True)
+        self.pos = 0
+
+    def feed(self, tokens: list[int], all_logits: bool = False):
+        """Decode `tokens` after what was fed before; the logits (float32, one row per token when `all_logits`,
+        else the last token's row alone) as a numpy array of shape (rows, n_vocab)."""
+        import numpy as np
+
+        n = len(tokens)
+        if not n:
+            raise ValueError("nothing to decode")
+        if self.pos + n > self.n_ctx:
+            raise ValueError(f"{self.pos + n} tokens do not fit the context of {self.n_ctx}")
+        i32 = ctypes.c_int32
+        token = (i32 * n)(*tokens)
+        pos = (i32 * n)(*range(self.pos, self.pos + n))
+        n_seq = (i32 * n)(*([1] * n))
+        seq0 = (i32 * 1)(0)
+        seq = (ctypes.POINTER(i32) * n)(*([ctypes.cast(seq0, ctypes.POINTER(i32))] * n))
+        out = (ctypes.c_int8 * n)(*([1] * n if all_logits else [0] * (n - 1) + [1]))
+        batch = Batch(n, token, None, pos, n_seq, seq, out)
+        if self.lib.llama_decode(self.ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+        self.pos += n
+        vocab = self.model.n_vocab
+        rows = range(n) if all_logits else [n - 1]
+        return np.stack([np.ctypeslib.as_array(self.lib.llama_get_logits_ith(self.ctx, i), shape=(vocab,)).copy()
+                         for i in rows])

@@ -244,12 +244,16 @@ class ServerError(RuntimeError):
 
 class VLLMServer:
     """`with VLLMServer(spec, python=...) as server:` serves `spec` on a free port of 127.0.0.1 until the block ends.
+    (The process handling is the engine's part that llama.cpp's server shares: services.core.llama_server.LlamaServer
+    overrides `command` and `environment`.)
 
     The server runs in its own session (process group) with stdout and stderr in `log_path`; start waits until
     `GET /v1/models` answers and raises `ServerError` with the log's last lines when the server exits first or
     `startup_timeout` passes. Stop sends SIGTERM, waits `stop_timeout`, then SIGKILLs the whole process group (the
     API server and its engine-core child), so nothing is left behind.
     """
+
+    engine = "vLLM"
 
     def __init__(self, spec: ServerSpec, python: str | None = None, log_path: str | Path | None = None,
                  startup_timeout: float = 900.0, stop_timeout: float = 30.0, port: int | None = None,
@@ -294,12 +298,12 @@ class VLLMServer:
         if self.proc is not None:
             raise ServerError("this server was already started")
         self.port = self.port or free_port()
-        self.command = server_command(self.spec, self.port, self.python)
+        self.command = self.server_command()
         t0 = time.monotonic()
         with open(self.log_path, "ab") as log:
             log.write(("$ " + " ".join(self.command) + "\n").encode())
             log.flush()
-            self.proc = subprocess.Popen(self.command, env=server_env(self.spec, self.base_env),
+            self.proc = subprocess.Popen(self.command, env=self.environment(),
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True,
                                          # one prctl call, no locks taken: safe between fork and exec
@@ -312,11 +316,17 @@ class VLLMServer:
         self.start_s = time.monotonic() - t0
         return self
 
+    def server_command(self) -> list[str]:
+        return server_command(self.spec, self.port, self.python)
+
+    def environment(self) -> dict[str, str]:
+        return server_env(self.spec, self.base_env)
+
     def _wait_ready(self, t0: float) -> None:
         while True:
             code = self.proc.poll()
             if code is not None:
-                raise ServerError(f"the vLLM server for {self.spec.served_name!r} exited with code {code} before it "
+                raise ServerError(f"the {self.engine} server for {self.spec.served_name!r} exited with code {code} before it "
                                   f"was ready; last lines of {self.log_path}:\n{self.log_tail()}")
             try:
                 self.models(timeout=2.0)
@@ -324,7 +334,7 @@ class VLLMServer:
             except (OSError, ValueError):
                 pass
             if time.monotonic() - t0 > self.startup_timeout:
-                raise ServerError(f"the vLLM server for {self.spec.served_name!r} did not answer "
+                raise ServerError(f"the {self.engine} server for {self.spec.served_name!r} did not answer "
                                   f"{self.base_url}/models within {self.startup_timeout:.0f} s; last lines of "
                                   f"{self.log_path}:\n{self.log_tail()}")
             time.sleep(0.5)

@@ -186,7 +186,8 @@ class Target:
         if self.server is not None:
             ctx.phase("starting the model server")
             self.server.start()
-            ctx.event(f"vLLM server up in {self.server.start_s:.1f}s serving {', '.join(self.server.models())}",
+            ctx.event(f"{self.server.engine} server up in {self.server.start_s:.1f}s serving "
+                      f"{', '.join(self.server.models())}",
                       metrics={"server_start_s": self.server.start_s})
             self.base_url = self.server.base_url
         self.start_s = time.monotonic() - t0
@@ -226,6 +227,37 @@ def deployment_target(ctx: JobContext, spec: EvalJobSpec, lm_eval: bool) -> Targ
     return Target(runs=[("run", t.served_model)], parents=parents, base_url=record["base_url"], controls=controls,
                   harness_args={"tokenizer": str(model_dir), "max_length": 2048, "device": "cpu",
                                 "api_key": record["api_key"]})
+
+
+def gguf_target(ctx: JobContext, spec: EvalJobSpec, work: Path) -> Target:
+    """A GGUF model artifact on llama.cpp's OpenAI-compatible server (services.core.llama_server): its own chat
+    template and vocabulary (lm-eval tokenizes through the server), greedy or seeded sampling as asked. The controls
+    name the engine and the GGUF type, so a form comparison with the model it came from states them."""
+    from services.core.llama_cpp import LlamaCpp, Toolchain, cpu_threads
+    from services.core.llama_server import LlamaServer, LlamaServerSpec
+
+    t = spec.target
+    model = ctx.artifacts.resolve(t.model)
+    toolchain = Toolchain()
+    missing = toolchain.missing()
+    if missing:
+        ctx.fail(f"{model.id} is a GGUF file and this worker has no llama.cpp: {missing}")
+    folder = ctx.artifacts.materialize(model.ref(), ctx.settings.cache_dir, paths=[model.metadata["gguf_file"]])
+    path = folder / model.metadata["gguf_file"]
+    with LlamaCpp(toolchain).load(path) as m:
+        template = m.meta("tokenizer.chat_template")
+    n_ctx = min(int(model.metadata.get("max_position_embeddings") or 2048), 4096)
+    threads = cpu_threads()
+    server = LlamaServer(LlamaServerSpec(model_path=str(path), served_name=model.name, max_model_len=n_ctx,
+                                         seed=spec.sampling.seed, threads=threads), log_path=work / "llama.log")
+    kind = str(model.metadata.get("quantization", "gguf"))
+    return Target(runs=[("run", model.name)], parents=[model.ref()],
+                  server=server,
+                  controls={"engine": "llama.cpp", "engine_version": toolchain.version(),
+                            "precision": f"{kind} (llama.cpp, {threads} threads)", "quantization": kind,
+                            "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+                            "tool_call_parser": "", "lora_enabled": False},
+                  harness_args={"tokenizer": None, "remote_tokenizer": True, "max_length": n_ctx, "device": "cpu"})
 
 
 def served_target(ctx: JobContext, spec: EvalJobSpec, work: Path) -> Target:
@@ -379,6 +411,8 @@ def evaluate(ctx: JobContext, spec: EvalJobSpec) -> None:
         kind = spec.target.kind
         target = (endpoint_target(spec, suite.lm_eval is not None) if kind == "endpoint"
                   else deployment_target(ctx, spec, suite.lm_eval is not None) if kind == "deployment"
+                  else gguf_target(ctx, spec, work) if ctx.artifacts.resolve(spec.target.model).metadata.get(
+                      "format") == "gguf"
                   else served_target(ctx, spec, work))
         target.controls |= {"sampling": spec.sampling.model_dump(), "suite_sha256": suite.sha256,
                             "lm_eval": suite.lm_eval.controls if suite.lm_eval else None}

@@ -131,10 +131,10 @@ class EvaluationService:
         field = "spec.target.adapter.base_model" if t.kind == "adapter" else (
             "spec.target.prompted.model" if t.kind == "prompted" else "spec.target.model")
         model = self.artifacts.require(t.model, field, "model")
-        if model.metadata.get("format") == "gguf":
-            raise FailedPrecondition(f"{field}: {model.id} is a GGUF file for llama.cpp and Ollama; evaluating it "
-                                     "through llama.cpp's server is not built yet (its load check and greedy "
-                                     f"agreement are in its metrics): evaluate {model.metadata.get('quantized_from')}")
+        if model.metadata.get("format") == "gguf" and t.kind == "adapter":
+            raise FailedPrecondition(f"{field}: {model.id} is a GGUF file, which the eval job serves with llama.cpp "
+                                     "(no LoRA there): evaluate the adapter on its full-precision base, or merge it "
+                                     "and quantize the merged model")
         if not model.metadata.get("is_causal_lm", False):
             raise FailedPrecondition(f"{field}: {model.id} is not a causal LM")
         t = t.model_copy(update={"model": model.ref()})
@@ -190,6 +190,10 @@ class EvaluationService:
             s = s.model_copy(update={"fact_probes": m.ref()})
             blocks += 1
         if s.tool_calling:
+            if model is not None and model.metadata.get("format") == "gguf":
+                raise FailedPrecondition(f"spec.suite.tool_calling: {model.id} is a GGUF file, served by llama.cpp "
+                                         "without tool-call parsing here: evaluate tool calling on "
+                                         f"{model.metadata.get('quantized_from') or 'the model it was made from'}")
             if model is not None and not self._template_has_tools(model):
                 raise FailedPrecondition(f"spec.suite.tool_calling: {model.id}'s chat template does not render "
                                          "tools, so tool calls cannot be asked for")

@@ -453,11 +453,10 @@ class Pipeline:
             "model_bytes", "output_bytes", "compression_ratio", "greedy_agreement", "quantize_peak_rss_bytes",
             "planned_peak_bytes") if k in art.metrics})
         self.forms.append(form)
-        if scheme.startswith("gguf"):
-            agree = art.metrics["greedy_agreement"] if "greedy_agreement" in art.metrics else float("nan")
-            self.notes.append(f"{scheme}: a GGUF file for llama.cpp and Ollama, loaded in llama.cpp by its quantize "
-                              f"job (greedy agreement with the merged model {agree:.0%}); not run through the eval "
-                              "suite (no llama.cpp eval server yet)")
+        if scheme.startswith("gguf") and suite.tool_calling:
+            self.notes.append(f"{scheme}: made, not evaluated: the suite's tool-calling block needs tool-call parsing, "
+                              "which llama.cpp's server here lacks (the merged model's tool calls are measured)")
+            form.verdict = "NOT EVALUATED"
             return
         if "eval" not in self.skip:
             try:

@@ -39,7 +39,7 @@ SKIPPABLE = ("prompting", "eval", "merge", "quantize", "serve")
 URL = re.compile(r"^[a-z][a-z0-9+.-]*://")
 LOCAL_SOURCES = ("base.source", "data.source", "fact_probes.source")
 # smoke mode's slice where the file's smoke: block leaves a field unset
-SMOKE_DEFAULTS = {"max_steps": 6, "micro_batch_size": 4, "max_tests_per_block": 6, "calibration_samples": 8,
+SMOKE_DEFAULTS = {"max_steps": 6, "micro_batch_size": 4, "max_tests_per_block": 4, "calibration_samples": 8,
                   "num_examples": 8}
 TEACHER_IS_BASE = "base"
 

@@ -164,7 +164,8 @@ def quantize_gguf(ctx: JobContext, spec: QuantizeSpec) -> None:
             "gguf_file": gguf_name, "tensor_types": dict(types), "k_quant_fallback": fallback,
             "modelfile_template": "chatml" if chatml else "", "default_system": default_system,
             "architecture": model.metadata.get("architecture", ""), "model_type": model.metadata.get("model_type", ""),
-            "parameters": model.metadata.get("parameters", 0), "has_chat_template": True,
+            "parameters": model.metadata.get("parameters", 0), "has_chat_template": True, "is_causal_lm": True,
+            "max_position_embeddings": model.metadata.get("max_position_embeddings", 0),
             "calibration_dataset": cal.dataset_uri if cal else "", "calibration_source": spec.calibration_source,
             "llama_cpp": toolchain.version()}
         ctx.commit(writer, metadata=metadata, metrics={k: v for k, v in figures.items() if k != "quantize_s"})

@@ -1,6 +1,7 @@
 """The quantization service end to end: SubmitQuantize (a Ray job in the quantize environment: llmcompressor's
 oneshot through the sequential pipeline, weights offloaded beyond a resident budget, then the checkpoint reloaded
-and compared) -> a `model` artifact, form quantized; vLLM on CPU serves it in an eval job; the tiny MoE keeps its
+and compared) -> a `model` artifact, form quantized; vLLM on CPU serves it in an eval job (llama.cpp's server a GGUF
+one); the tiny MoE keeps its
 routers at full precision; the refusals over gRPC with their status codes; a killed job publishes nothing.
 Real Ray, S3 and gRPC."""
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import urllib.error
+import urllib.request
 
 import grpc
 import pytest
@@ -160,7 +163,8 @@ def test_refusals_have_their_status_codes(seed):
 
 def test_gguf_q8_0_and_q4_k_m_load_in_llama_cpp_with_a_modelfile(seed, tmp_path):
     """The merged fixture to GGUF with llama.cpp's converter and quantizer: each file loads in llama.cpp (the job's
-    check, and again here), its embedded template renders what the model's does, and the Modelfile is ChatML."""
+    check, and again here), its embedded template renders what the model's does, and the Modelfile is ChatML; the
+    Q8_0 file evaluated through llama.cpp's OpenAI-compatible server and compared with the merged model as a form."""
     from services.core.llama_cpp import LlamaCpp, Toolchain
 
     client = seed.client
@@ -193,6 +197,71 @@ def test_gguf_q8_0_and_q4_k_m_load_in_llama_cpp_with_a_modelfile(seed, tmp_path)
     # what cannot take a GGUF says what to do instead
     got, details = rpc_error(lambda: client.create_deployment("gguf", q8.id))
     assert got == grpc.StatusCode.FAILED_PRECONDITION and "ollama create" in details
+    got, details = rpc_error(lambda: client.submit_eval(ev.EvalTarget(adapter=ev.AdapterTarget(
+        base_model=ref(q8.id), adapter=ref(seed.style_adapter))), ev.EvalSuite(heldout_dataset=ref(seed.style))))
+    assert got == grpc.StatusCode.FAILED_PRECONDITION and "no LoRA there" in details
+    # evaluated again, through llama.cpp's OpenAI-compatible server (the eval job starts it as it starts vLLM): the
+    # same suite as the merged model (the GPTQ test's, re-attached where it ran), compared as two forms of one model
+    suite = ev.EvalSuite(heldout_dataset=ref(seed.style), heldout_assertion=ev.ASSERTION_TYPE_CONTAINS,
+                         max_tests_per_block=12)
+    merged_eval = succeeded(client, client.submit_eval(ev.EvalTarget(model=ref(seed.merged)), suite,
+                                                       key=f"{seed.project}-merged-eval"), 900)
+    gguf_eval = succeeded(client, client.submit_eval(ev.EvalTarget(model=ref(q8.id)), suite), 900)
+    merged_report, report = client.eval_report(merged_eval.outputs[0].uri), client.eval_report(gguf_eval.outputs[0].uri)
+    assert (report.controls.engine, report.controls.quantization) == ("llama.cpp", "gguf q8_0")
+    assert report.answering_model == q8.name
+    cmp = client.compare_reports(merged_report.report.uri, report.report.uri, form_comparison=True,
+                                 max_form_drop_points=20)
+    assert any(d.startswith("engine: 'vllm' vs 'llama.cpp'") for d in cmp.form_differences), cmp.form_differences
+    target = {r.block: r for r in report.blocks}[ev.EVAL_BLOCK_TARGET]
+    merged_target = {r.block: r for r in merged_report.blocks}[ev.EVAL_BLOCK_TARGET]
+    print(f"\nheld-out style tests: merged {merged_target.passed}/{merged_target.total} on vLLM, gguf-q8_0 "
+          f"{target.passed}/{target.total} on llama.cpp; greedy agreement {cmp.greedy_agreement:.2f}")
+    assert target.total == merged_target.total == 12 and target.passed >= merged_target.passed - 2  # 8-bit
+    assert cmp.greedy_agreement >= 0.8
+    # the server itself, as lm-eval and promptfoo call it: log-likelihoods (echo + logprobs on token ids) equal to
+    # what llama.cpp computes directly, the remote tokenizer, greedy chat, and its refusals
+    from services.core.llama_server import LlamaServer, LlamaServerSpec, log_softmax
+
+    def call(server, path, body=None, key="k"):
+        req = urllib.request.Request(server.base_url.removesuffix("/v1") + path, method="POST" if body else "GET",
+                                     data=json.dumps(body).encode() if body else None,
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {key}"} if key else {})})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    with LlamaServer(LlamaServerSpec(str(path), "q8", api_key="k", max_model_len=128),
+                     log_path=tmp_path / "llama.log") as server:
+        _, info = call(server, "/tokenizer_info")
+        assert info["eos_token"] == "<|im_end|>" and "im_start" in info["chat_template"]
+        _, tok = call(server, "/tokenize", {"prompt": "What is the capital of France?", "add_special_tokens": False})
+        ids = tok["tokens"]
+        assert call(server, "/detokenize", {"tokens": ids})[1]["prompt"] == "What is the capital of France?"
+        _, out = call(server, "/v1/completions", {"model": "q8", "prompt": [ids], "max_tokens": 1, "logprobs": 1,
+                                                  "echo": True, "temperature": 0})
+        lp = out["choices"][0]["logprobs"]
+        assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
+        with LlamaCpp(Toolchain()).load(path) as llm, llm.session(128, 1) as session:
+            direct = log_softmax(session.feed(ids, all_logits=True))
+            chat = [{"role": "user", "content": "say 3"}]
+            greedy = llm.greedy(llm.tokenize(llm.render_chat(chat)), 8)
+            expected = b"".join(llm.piece(t) for t in greedy).decode()
+        assert all(abs(lp["token_logprobs"][i + 1] - direct[i, t]) < 1e-4 for i, t in enumerate(ids[1:]))
+        assert all(max(top.values()) >= x for top, x in zip(lp["top_logprobs"][1:], lp["token_logprobs"][1:]))
+        _, answer = call(server, "/v1/chat/completions", {"model": "q8", "messages": chat, "max_tokens": 8,
+                                                          "temperature": 0})
+        assert answer["choices"][0]["message"]["content"] == expected
+        assert call(server, "/v1/models", key="wrong")[0] == 401
+        assert call(server, "/v1/chat/completions", {"model": "other", "messages": chat})[0] == 404
+        code, said = call(server, "/v1/chat/completions", {"model": "q8", "messages": [
+            {"role": "user", "content": "word " * 200}], "max_tokens": 8})
+        assert code == 400 and "maximum context length is 128 tokens" in said["error"]["message"]
+        code, said = call(server, "/v1/chat/completions", {"model": "q8", "messages": chat, "tools": [{}]})
+        assert code == 400 and "tool calls are not supported" in said["error"]["message"]
 
 
 def test_a_killed_job_publishes_nothing(seed):

@@ -261,3 +261,28 @@ def test_the_cli_puts_the_prompting_baseline_on_the_adapters_engine():
     alone = _eval_target("tunery://p/model/b", "", "Be brief.", 0, "", "", "", "")
     assert alone.WhichOneof("form") == "prompted" and alone.prompted.model.uri == "tunery://p/model/b"
     assert spec_from_pb(ev.EvalSpec(target=both, suite=ev.EvalSuite(tool_calling=True)))[0].target.prompting
+
+
+def test_a_gguf_model_is_evaluated_through_llama_cpp_without_lora_or_tool_calls(env):
+    """A GGUF artifact is a model target (the job serves it with llama.cpp's server); an adapter on it, or the
+    tool-calling block (no tool-call parser there), is refused before anything is queued, naming what to do."""
+    service, store, runner, model = env
+    w = store.writer("model", "m-gguf")
+    w.add_bytes(b"GGUF", "m-gguf.gguf")
+    gguf = w.commit({"format": "gguf", "form": "quantized", "gguf_file": "m-gguf.gguf", "is_causal_lm": True,
+                     "quantized_from": model.uri, "has_chat_template": True})[0].ref()
+    w = store.writer("dataset", "d")
+    w.add_bytes(b'{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n',
+                "holdout.jsonl")
+    data = w.commit({"stage": "prepared", "num_holdout": 1})[0].ref()
+    submit(service(), spec(TargetSpec(kind="model", model=gguf), heldout_dataset=data))
+    [req] = runner.submitted
+    assert req.spec["target"]["model"]["uri"] == gguf.uri and req.role == "serve"
+    with pytest.raises(FailedPrecondition, match=f"tool calling on {model.uri}"):
+        submit(service(), spec(TargetSpec(kind="model", model=gguf), heldout_dataset=data, tool_calling=True))
+    w = store.writer("adapter", "a")
+    w.add_bytes(b"{}", "adapter_config.json")
+    adapter = w.commit({})[0].ref()
+    with pytest.raises(FailedPrecondition, match="no LoRA there"):
+        submit(service(), spec(TargetSpec(kind="adapter", model=gguf, adapter=adapter), heldout_dataset=data))
+    assert len(runner.submitted) == 1
