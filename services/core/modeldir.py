@@ -107,8 +107,13 @@ def chat_template(path: Path, tok_config: dict[str, Any]) -> str:
     return tmpl or ""
 
 
-def render_chat_template(template: str, tok_config: dict[str, Any]) -> str:
-    """Compile and render the template the way transformers does (sandboxed jinja2)."""
+def compile_chat_template(template: str):
+    """A chat template compiled the way transformers compiles it (sandboxed jinja2, trim and lstrip blocks, loop
+    controls, raise_exception, strftime_now, an unescaped tojson); transformers' {% generation %} block tag is not
+    standard jinja, so its body renders as plain text. Render with messages=, add_generation_prompt=, bos_token=,
+    eos_token= (and tools=)."""
+    import datetime
+
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -117,17 +122,24 @@ def render_chat_template(template: str, tok_config: dict[str, Any]) -> str:
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
     env.tests["generation"] = lambda *a: True
+    return env.from_string(GENERATION_TAG.sub("", template))
+
+
+def render_chat_template(template: str, tok_config: dict[str, Any]) -> str:
+    """Compile and render the template the way transformers does (sandboxed jinja2)."""
+    from jinja2 import TemplateError
 
     def token(name: str) -> str:
         v = tok_config.get(name)
         return v.get("content", "") if isinstance(v, dict) else (v or "")
 
     try:
-        # transformers' {% generation %} block tag is not standard jinja: render its body as plain text here.
-        source = GENERATION_TAG.sub("", template)
-        return env.from_string(source).render(messages=SAMPLE_CHAT, add_generation_prompt=True, tools=None,
-                                              bos_token=token("bos_token"), eos_token=token("eos_token"))
+        return compile_chat_template(template).render(messages=SAMPLE_CHAT, add_generation_prompt=True, tools=None,
+                                                      bos_token=token("bos_token"), eos_token=token("eos_token"))
     except TemplateError as e:
         raise InvalidArgument.field("spec.source", f"the chat template does not render: {e}") from None
 
