@@ -222,6 +222,7 @@ def test_gguf_q8_0_and_q4_k_m_load_in_llama_cpp_with_a_modelfile(seed, tmp_path)
     # the server itself, as lm-eval and promptfoo call it: log-likelihoods (echo + logprobs on token ids) equal to
     # what llama.cpp computes directly, the remote tokenizer, greedy chat, and its refusals
     from services.core.llama_server import LlamaServer, LlamaServerSpec, log_softmax
+    from services.core.modeldir import compile_chat_template
 
     def call(server, path, body=None, key="k"):
         req = urllib.request.Request(server.base_url.removesuffix("/v1") + path, method="POST" if body else "GET",
@@ -247,8 +248,12 @@ def test_gguf_q8_0_and_q4_k_m_load_in_llama_cpp_with_a_modelfile(seed, tmp_path)
         assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
         with LlamaCpp(Toolchain()).load(path) as llm, llm.session(128, 1) as session:
             direct = log_softmax(session.feed(ids, all_logits=True))
+            # chat: the GGUF's template rendered as transformers renders it, the default system prompt included
             chat = [{"role": "user", "content": "say 3"}]
-            greedy = llm.greedy(llm.tokenize(llm.render_chat(chat)), 8)
+            text = compile_chat_template(info["chat_template"]).render(
+                messages=chat, add_generation_prompt=True, tools=None, bos_token="", eos_token=info["eos_token"])
+            assert "You are a helpful assistant." in text and "You are a helpful assistant." not in llm.render_chat(chat)
+            greedy = llm.greedy(llm.tokenize(text), 8)
             expected = b"".join(llm.piece(t) for t in greedy).decode()
         assert all(abs(lp["token_logprobs"][i + 1] - direct[i, t]) < 1e-4 for i, t in enumerate(ids[1:]))
         assert all(max(top.values()) >= x for top, x in zip(lp["top_logprobs"][1:], lp["token_logprobs"][1:]))
