@@ -3,7 +3,7 @@ Python: the control plane and every job environment import it.
 
 A 16-bit model (bf16 weights) is computed in bf16 where the hardware does bf16 arithmetic natively (a GPU; a CPU
 with AVX512-BF16 or AMX). Elsewhere (an AVX2 CPU) torch emulates bf16 matmuls by converting every operand, which
-made the GPTQ calibration of SmolLM2-135M 1.7x slower than in float32 on this project's machines: such a CPU computes
+made the GPTQ calibration of SmolLM2-135M 1.9x slower than in float32 on this project's machines: such a CPU computes
 in float32, and the job stores its output in the model's own dtype again.
 """
 

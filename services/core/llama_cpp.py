@@ -157,7 +157,6 @@ class LlamaCpp:
             "llama_model_n_ctx_train": (i32, [p]),
             "llama_vocab_bos": (i32, [p]),
             "llama_vocab_eos": (i32, [p]),
-            "llama_vocab_get_add_bos": (ctypes.c_bool, [p]),
             "llama_token_to_piece": (i32, [p, i32, ctypes.c_char_p, i32, i32, ctypes.c_bool]),
             "llama_get_logits_ith": (ctypes.POINTER(ctypes.c_float), [p, i32]),
             "llama_model_chat_template": (ctypes.c_char_p, [p, ctypes.c_char_p]),
@@ -248,9 +247,6 @@ class Model:
         """The text of the model's "bos" or "eos" token ("" when it has none)."""
         token = (self.lib.llama_vocab_bos if which == "bos" else self.lib.llama_vocab_eos)(self.vocab)
         return self.piece(token, special=True).decode("utf-8", "replace") if token >= 0 else ""
-
-    def add_bos(self) -> bool:
-        return bool(self.lib.llama_vocab_get_add_bos(self.vocab))
 
     def session(self, n_ctx: int, threads: int = 0) -> "Session":
         return Session(self, n_ctx, threads or cpu_threads())

@@ -151,9 +151,9 @@ class Engine:
 
     # ------------------------------------------------------------------ decoding
     def run(self, prompt: list[int], *, max_tokens: int, temperature: float, top_p: float, seed: int,
-            stop: list[str], top_k: int = 0, echo_logprobs: bool = False):
+            stop: list[str], top_k: int = 0, logprobs: bool = False, echo_logprobs: bool = False):
         """Feed `prompt`, then generate; returns (the prompt's per-token logprobs and top-k when echo_logprobs,
-        the Generation). Call with `lock` held."""
+        the Generation, with each generated token's logprob and top-k when `logprobs`). Call with `lock` held."""
         import numpy as np
 
         if not prompt:
@@ -176,9 +176,10 @@ class Engine:
             if self.model.is_eog(tok):
                 finish = "stop"
                 break
-            lp = log_softmax(logits)
-            gen_lp.append(float(lp[tok]))
-            gen_top.append(self.top(lp, top_k))
+            if logprobs:
+                lp = log_softmax(logits)
+                gen_lp.append(float(lp[tok]))
+                gen_top.append(self.top(lp, top_k))
             out.append(tok)
             pieces += self.model.piece(tok)
             text = pieces.decode("utf-8", "ignore")
@@ -270,11 +271,12 @@ class Engine:
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 20):
             raise BadRequest(f"logprobs must be an integer in [0, 20], not {k!r}")
         choices, n_prompt, n_gen = [], 0, 0
+        params = self.sampling(body, 16)
         with self.lock:
             prompts = self.prompt_tokens(body.get("prompt"))
             for i, prompt in enumerate(prompts):
-                params = self.sampling(body, 16)
-                (p_lp, p_top), g = self.run(prompt, **params, top_k=k or 0, echo_logprobs=echo and k is not None)
+                (p_lp, p_top), g = self.run(prompt, **params, top_k=k or 0, logprobs=k is not None,
+                                            echo_logprobs=echo and k is not None)
                 text = (self.detokenize(prompt) if echo else "") + g.text
                 logprobs = None
                 if k is not None:
@@ -377,7 +379,7 @@ class LlamaServerSpec:
     api_key: str = ""        # "" = no key; else every route but /health answers 401 without it
     max_model_len: int = 0   # 0: the model's context, at most DEFAULT_CTX
     seed: int = 0            # the default sampling seed (a request's own seed wins)
-    threads: int = 0         # 0: every core the server may use
+    threads: int = 0         # 0: llama_cpp.cpu_threads() (half the cores; TUNERY_LLAMA_THREADS)
 
 
 class LlamaServer(VLLMServer):
@@ -411,7 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--ctx", type=int, default=0, help="context length (0: the model's, at most 4096)")
-    p.add_argument("--threads", type=int, default=0, help="0: every core this process may use")
+    p.add_argument("--threads", type=int, default=0, help="0: half the cores (TUNERY_LLAMA_THREADS overrides)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     t0 = time.monotonic()

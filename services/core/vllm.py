@@ -245,7 +245,7 @@ class ServerError(RuntimeError):
 class VLLMServer:
     """`with VLLMServer(spec, python=...) as server:` serves `spec` on a free port of 127.0.0.1 until the block ends.
     (The process handling is the engine's part that llama.cpp's server shares: services.core.llama_server.LlamaServer
-    overrides `command` and `environment`.)
+    overrides `server_command` and `environment`.)
 
     The server runs in its own session (process group) with stdout and stderr in `log_path`; start waits until
     `GET /v1/models` answers and raises `ServerError` with the log's last lines when the server exits first or

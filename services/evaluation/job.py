@@ -229,15 +229,13 @@ def deployment_target(ctx: JobContext, spec: EvalJobSpec, lm_eval: bool) -> Targ
                                 "api_key": record["api_key"]})
 
 
-def gguf_target(ctx: JobContext, spec: EvalJobSpec, work: Path) -> Target:
+def gguf_target(ctx: JobContext, spec: EvalJobSpec, model, work: Path) -> Target:
     """A GGUF model artifact on llama.cpp's OpenAI-compatible server (services.core.llama_server): its own chat
     template and vocabulary (lm-eval tokenizes through the server), greedy or seeded sampling as asked. The controls
     name the engine and the GGUF type, so a form comparison with the model it came from states them."""
     from services.core.llama_cpp import LlamaCpp, Toolchain, cpu_threads
     from services.core.llama_server import LlamaServer, LlamaServerSpec
 
-    t = spec.target
-    model = ctx.artifacts.resolve(t.model)
     toolchain = Toolchain()
     missing = toolchain.missing()
     if missing:
@@ -262,7 +260,11 @@ def gguf_target(ctx: JobContext, spec: EvalJobSpec, work: Path) -> Target:
 
 def served_target(ctx: JobContext, spec: EvalJobSpec, work: Path) -> Target:
     """A model artifact (with the adapter loadable, for adapter targets) on a vLLM server of our own: the adapter
-    on and off are two names on one engine."""
+    on and off are two names on one engine. A GGUF artifact goes to llama.cpp's server instead (gguf_target)."""
+    t, cache = spec.target, ctx.settings.cache_dir
+    model = ctx.artifacts.resolve(t.model)
+    if model.metadata.get("format") == "gguf":  # llama.cpp's engine, not vLLM's
+        return gguf_target(ctx, spec, model, work)
     import torch
 
     from services.core.vllm import (
@@ -274,8 +276,6 @@ def served_target(ctx: JobContext, spec: EvalJobSpec, work: Path) -> Target:
         tool_call_parser_for,
     )
 
-    t, cache = spec.target, ctx.settings.cache_dir
-    model = ctx.artifacts.resolve(t.model)
     parents = [model.ref()]
     model_dir = ctx.artifacts.materialize(model.ref(), cache)
     template = (model_dir / "chat_template.jinja").read_text() if (model_dir / "chat_template.jinja").exists() \
@@ -411,8 +411,6 @@ def evaluate(ctx: JobContext, spec: EvalJobSpec) -> None:
         kind = spec.target.kind
         target = (endpoint_target(spec, suite.lm_eval is not None) if kind == "endpoint"
                   else deployment_target(ctx, spec, suite.lm_eval is not None) if kind == "deployment"
-                  else gguf_target(ctx, spec, work) if ctx.artifacts.resolve(spec.target.model).metadata.get(
-                      "format") == "gguf"
                   else served_target(ctx, spec, work))
         target.controls |= {"sampling": spec.sampling.model_dump(), "suite_sha256": suite.sha256,
                             "lm_eval": suite.lm_eval.controls if suite.lm_eval else None}

@@ -3,7 +3,8 @@
 pipeline.run drives the stage services over gRPC through the SDK, one stage job at a time, and never does a stage's
 work itself. setup (the spec, a client of the stage services) -> run (import -> data -> train -> eval: base, base +
 adapter and the prompting baseline on one engine -> gates -> merge -> eval merged -> quantize each form -> eval it ->
-serve the best form that passed -> eval the deployment) -> save (one `report` artifact: pipeline.json and pipeline.html, parents every artifact it made).
+serve the best form that passed -> eval the deployment) -> save (one `report` artifact: pipeline.json and
+pipeline.html, parents every artifact it made).
 
 Each stage job's idempotency key is `<pipeline id>-<stage>`: a later attempt of the same pipeline (after this one
 was killed, failed or was cancelled) finds the stage jobs that already ran or still run and re-attaches to them

@@ -105,9 +105,9 @@ def store_floats_as(folder: Path, dtype: str) -> int:
         tmp.replace(shard)
         del tensors
     config = json.loads((folder / "config.json").read_text())
-    for key in ("dtype", "torch_dtype"):
-        if key in config or key == "dtype":
-            config[key] = dtype
+    config["dtype"] = dtype
+    if "torch_dtype" in config:
+        config["torch_dtype"] = dtype
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return cast
 
