@@ -16,6 +16,8 @@ PYTEST    ?= -q --durations=40
 TRAIN_TESTS := tests/unit/train
 # ... and those that need vLLM: the serve venv's interpreter.
 SERVE_TESTS := tests/unit/serve
+# The main job (`make demo` on the smoke slice) from a stack of its own: a pytest run of its own beside the control run.
+DEMO_TEST := tests/e2e/test_demo.py
 
 .PHONY: .test-control .test-workers help foundation smollm2 lm-eval-index setup setup-browser setup-promptfoo setup-grpc-node setup-llama-cpp setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-quantize bench-prepare bench-generate bench-serve up down status clean
 
@@ -96,14 +98,17 @@ test: export TUNERY_STRICT_SKIPS = 1
 test: setup fixtures ## Run every test (unit, integration, e2e) against real Ray, S3 and gRPC on 127.0.0.1; a skip fails
 	$(MAKE) --no-print-directory -j2 -Otarget .test-control .test-workers
 
-# The three interpreters' runs: the control venv's, and beside it (mostly idle while it waits on jobs) the train
-# venv's then the serve venv's. Each run's output is printed whole when it ends.
+# Two lanes, since one run of the control venv keeps the 2-core machine ~65% busy (one vLLM engine thread, job
+# starts): the control venv's run (unit, integration, e2e but the demo), and beside it the train venv's tests, the
+# serve venv's, then the demo (its own stack, nothing shared with the control run). Each run's output is printed
+# whole when it ends.
 .test-control:
-	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS)
+	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS) --ignore=$(DEMO_TEST)
 
 .test-workers:
 	$(LOOPBACK) .venvs/train/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(TRAIN_TESTS)
 	$(LOOPBACK) .venvs/serve/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(SERVE_TESTS)
+	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) -p no:cacheprovider $(DEMO_TEST)
 
 test-unit: setup-control protos setup-promptfoo ## Unit tier of the control venv (-m unit: fast, fakes allowed, no Ray)
 	$(VPY) -m pytest $(PYTEST) -m unit tests --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS)
@@ -112,7 +117,7 @@ test-integration: setup fixtures ## Integration tier (-m integration: real Ray, 
 	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) -m integration tests
 
 test-e2e: setup fixtures ## End-to-end tier (-m e2e: the tunery CLI on the embedded stack, the demo)
-	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) -m e2e tests
+	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) -m e2e tests --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS)
 
 bench: setup-control protos fixtures ## Benchmarks (ratios against the bare libraries)
 	$(LOOPBACK) $(VPY) -m bench.run

@@ -31,8 +31,7 @@ def tier_of(item) -> str:
 
 def pytest_collection_modifyitems(config, items):
     """Mark each test with its tier, and run the tiers in order: unit, integration, e2e (pytest's own order is
-    alphabetical, e2e first). `make test` runs the train and serve venvs' tests beside the control run's start;
-    the e2e tier's heaviest test (the demo on the real model) then runs after them, not against them."""
+    alphabetical, e2e first): the fast tiers fail first."""
     for item in items:
         if tier := tier_of(item):
             item.add_marker(getattr(pytest.mark, tier))
