@@ -18,6 +18,8 @@ TRAIN_TESTS := tests/unit/train
 SERVE_TESTS := tests/unit/serve
 # The main job (`make demo` on the smoke slice) from a stack of its own: a pytest run of its own beside the control run.
 DEMO_TEST := tests/e2e/test_demo.py
+# The second lane of `make test` yields the CPU to the control run (see .test-control)
+BACKGROUND := nice -n 10
 
 .PHONY: .test-control .test-workers help foundation smollm2 lm-eval-index setup setup-browser setup-promptfoo setup-grpc-node setup-llama-cpp setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-quantize bench-prepare bench-generate bench-serve up down status clean
 
@@ -98,17 +100,18 @@ test: export TUNERY_STRICT_SKIPS = 1
 test: setup fixtures ## Run every test (unit, integration, e2e) against real Ray, S3 and gRPC on 127.0.0.1; a skip fails
 	$(MAKE) --no-print-directory -j2 -Otarget .test-control .test-workers
 
-# Two lanes, since one run of the control venv keeps the 2-core machine ~65% busy (one vLLM engine thread, job
-# starts): the control venv's run (unit, integration, e2e but the demo), and beside it the train venv's tests, the
-# serve venv's, then the demo (its own stack, nothing shared with the control run). Each run's output is printed
-# whole when it ends.
+# Two lanes. The control venv's run (unit, integration, e2e but the demo) keeps the 2-core machine only ~65% busy
+# (a vLLM engine computes on one thread; job and engine starts are one process at a time), and it is the critical
+# path: it runs at normal priority. Beside it, at `nice -n 10`, the train venv's tests, the serve venv's, then the
+# demo (its own stack, nothing shared with the control run) take the CPU the control run leaves idle, and yield
+# it when the control run wants it (at equal priority the two lanes slowed each other down to no gain).
 .test-control:
 	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS) --ignore=$(DEMO_TEST)
 
 .test-workers:
-	$(LOOPBACK) .venvs/train/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(TRAIN_TESTS)
-	$(LOOPBACK) .venvs/serve/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(SERVE_TESTS)
-	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) -p no:cacheprovider $(DEMO_TEST)
+	$(BACKGROUND) $(LOOPBACK) .venvs/train/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(TRAIN_TESTS)
+	$(BACKGROUND) $(LOOPBACK) .venvs/serve/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(SERVE_TESTS)
+	$(BACKGROUND) $(LOOPBACK) $(VPY) -m pytest $(PYTEST) -p no:cacheprovider $(DEMO_TEST)
 
 test-unit: setup-control protos setup-promptfoo ## Unit tier of the control venv (-m unit: fast, fakes allowed, no Ray)
 	$(VPY) -m pytest $(PYTEST) -m unit tests --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS)

@@ -56,6 +56,7 @@ def build_report(p: Pipeline, error: str = "") -> dict[str, Any]:
                    "greedy_agreement": f.greedy_agreement, "comparison": f.comparison, "metrics": f.metrics,
                    "paired": f.paired} for f in p.forms],
         "blocks": {name: _blocks(r) for name, r in reports.items()},
+        "reports": p.report_uris(),  # each evaluated form's report by its name (base, base+adapter, merged, ...)
         "eval_seconds": {name: {k: round(v, 1) for k, v in p.c.get_artifact(uri).metrics.items()
                                 if k in ("server_start_s", "tests_s")} for name, uri in p.report_uris().items()},
         "training": {k: v for k, v in getattr(p, "train_metrics", {}).items()
@@ -215,3 +216,16 @@ def render_html(d: dict, loss_png: bytes = b"") -> str:
         out += [f"<pre>{_e(line)}</pre>" for line in d["ollama"]]
     out.append("</body></html>")
     return "\n".join(out)
+
+
+def with_arenas(page: str, sentences: list[str]) -> str:
+    """The page with the blind A/B results (`tunery arena` between two of the pipeline's reports) in a section of
+    its own. A person votes after the pipeline has ended, so `tunery pipeline report` adds them to the page it
+    saves; the stored report stays as the pipeline wrote it."""
+    if not sentences:
+        return page
+    section = ("<h2>Blind A/B</h2><ul id='arena'>" + "".join(f"<li>{_e(s)}</li>" for s in sentences) + "</ul>"
+               "<p><small>a person's votes between two reports' outputs, sides hidden (<code>tunery arena A B</code>); "
+               "the interval is Wilson's, over the decisive votes</small></p>")
+    head, sep, tail = page.rpartition("</body>")
+    return head + section + sep + tail if sep else page + section

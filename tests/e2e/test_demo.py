@@ -8,15 +8,54 @@ file as a pytest run of its own beside the control run (the Makefile's `.test-de
 from __future__ import annotations
 
 import json
+import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import home_env, tunery
+from tests.e2e.conftest import TUNERY, home_env, tunery
+from tests.servers import REPO, wait_for
 
 pytestmark = pytest.mark.e2e
 
 
+def blind_votes(env, report_a: str, report_b: str) -> dict:
+    """`tunery arena A B`, its page voted on over HTTP as the page's script does (the page itself is checked in
+    Chromium by tests/unit/test_arena.py): every pair, sides alternating; what "save" answered."""
+    from services.core.net import free_port
+
+    port = free_port()
+    arena = subprocess.Popen([TUNERY, "arena", report_a, report_b, "--no-open", "--port", str(port)], env=env,
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/"
+
+    def post(path: str, body: dict) -> bytes:
+        request = urllib.request.Request(url + path, data=json.dumps(body).encode(), method="POST")
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.read()
+
+    try:
+        def listed():
+            try:
+                with urllib.request.urlopen(url + "pairs", timeout=5) as r:
+                    return json.loads(r.read())
+            except OSError:  # not listening yet
+                assert arena.poll() is None, arena.stderr.read()
+                return None
+
+        pairs = wait_for(listed, 120, interval=0.5, what="the arena page")
+        for i, pair in enumerate(pairs):
+            assert post("vote", {"id": pair["id"], "choice": ("left", "right")[i % 2], "seconds": 2.0}) == b"ok"
+        saved = json.loads(post("finish", {}))
+        assert arena.wait(60) == 0, arena.stderr.read()
+    finally:
+        arena.kill()
+    assert "sentence" in saved, saved
+    return saved
+
+
+@pytest.mark.timeout(3000)  # the whole arc on the real model (~15 min alone, longer beside the control run)
 def test_demo_is_the_main_job(tmp_path):
     """`tunery pipeline run examples/demo.yaml --smoke` (what `make demo` runs, on the smoke slice): the whole arc as
     one pipeline job on the real-model fixture (SmolLM2-135M-Instruct), from a stack the command starts itself (as
@@ -31,7 +70,7 @@ def test_demo_is_the_main_job(tmp_path):
     fixture_model("smollm2-135m-instruct")
     env = home_env(tmp_path / "home")
     try:
-        out = tunery(env, "--json", "pipeline", "run", "examples/demo.yaml", "--smoke", timeout=2400)
+        out = tunery(env, "--json", "pipeline", "run", "examples/demo.yaml", "--smoke", timeout=2700)
     finally:
         tunery(env, "down", check=False)
     result = json.loads(out.stdout)
@@ -141,8 +180,15 @@ def test_demo_is_the_main_job(tmp_path):
         tunery(env, "up", timeout=300)
         listed = json.loads(tunery(env, "--json", "jobs", "list").stdout)
         shown = tunery(env, "pipeline", "report", result["pipeline"]).stdout
+        voted = blind_votes(env, result["reports"]["base"], result["reports"]["base+adapter"])
+        reported = json.loads(tunery(env, "--json", "pipeline", "report", result["pipeline"]).stdout)
     finally:
         tunery(env, "down", check=False)
+    # a person voted blind between the base's and the adapter's answers after the run: the pipeline's report
+    # (its summary and the page it saves) now carries the tally, the two sides named as the report names them
+    line = voted["sentence"].replace("B preferred", "base+adapter preferred").replace(" over A;", " over base;")
+    assert reported["arena"] == [f"blind A/B ({voted['report'].rsplit('/', 1)[-1]}): {line}"], (reported, voted)
+    assert line in Path(reported["report_html"]).read_text()
     kinds = {j["kind"] for j in listed}
     assert {"pipeline.run", "registry.import_model", "datagen.prepare", "training.sft", "evaluation.run",
             "merging.merge", "quantization.quantize", "serving.deploy", "serving.delete"} <= kinds, kinds

@@ -1,6 +1,7 @@
 """The pipeline's report (services.pipeline.report): pipeline.json's figures from the pipeline's state, and
 pipeline.html in headless Chromium: the verdict and the stamps, the lineage picture, every form's blocks with
-intervals, the flips, the loss curve, the stage times and the endpoint."""
+intervals, the flips, the loss curve, the stage times and the endpoint; then the blind A/B votes cast since, which
+`tunery pipeline report` finds among the store's arena reports and adds to the page."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from services.gen.tunery.v1 import evaluation_pb2 as ev
 from services.gen.tunery.v1 import pipeline_pb2
 from services.pipeline.job import Form, StageRun
-from services.pipeline.report import build_report, render_html
+from services.pipeline.report import build_report, render_html, with_arenas
 
 pytestmark = pytest.mark.unit
 # a 1x1 PNG
@@ -83,7 +84,10 @@ def test_the_json_holds_every_figure():
 
 def test_the_page_in_chromium(page, tmp_path):
     html = tmp_path / "pipeline.html"
-    html.write_text(render_html(build_report(pipeline(force=True, smoke=True)), PNG))
+    d = build_report(pipeline(force=True, smoke=True))
+    page_html = render_html(d, PNG)
+    assert with_arenas(page_html, []) == page_html
+    html.write_text(with_arenas(page_html, [f"blind A/B (arena-1): {A_B} <script>x</script>"]))
     page.goto(html.as_uri())
     assert page.text_content("#verdict") == "PASS"
     stamps = page.locator(".stamp").all_text_contents()
@@ -108,4 +112,34 @@ def test_the_page_in_chromium(page, tmp_path):
     assert page.locator("#stages tr").count() == 1 + 6
     assert "it answered an openai-client request in 0.8 s" in page.text_content("body")
     assert "My card was charged twice" in page.text_content("#answer")
+    # the votes a person cast after the run, as text, at the end of the page
+    assert page.locator("#arena li").all_text_contents() == [f"blind A/B (arena-1): {A_B} <script>x</script>"]
+    assert page.locator("#arena script").count() == 0
     assert page.js_errors == []
+
+
+A_B = "base+adapter preferred in 5 of 6 decisive votes: 83% [44%, 97%] over base; 1 ties, 0 both bad"
+
+
+def arena_artifact(a: str, b: str, wins: tuple[int, int], ties: int = 0):
+    from services.evaluation.scoring import wilson
+
+    lo, hi = wilson(wins[1], sum(wins))
+    return SimpleNamespace(id=f"arena-{a[-1]}{b[-1]}", metadata={"report": "arena", "report_a": a, "report_b": b},
+                           metrics={"a_wins": wins[0], "b_wins": wins[1], "ties": ties, "both_bad": 0,
+                                    "b_win_rate": wins[1] / sum(wins), "ci_low": lo, "ci_high": hi})
+
+
+def test_pipeline_report_finds_the_votes_between_two_of_its_reports():
+    """`tunery pipeline report` (services.cli.commands.pipeline.arenas): the arena reports whose two sides are both
+    this pipeline's reports, each as a sentence naming the forms; an arena between other reports is not its."""
+    from services.cli.commands.pipeline import arenas
+
+    d = build_report(pipeline())
+    uris = pipeline().report_uris()
+    mine = arena_artifact(uris["base"], uris["base+adapter"], (1, 5), ties=1)
+    other = arena_artifact(uris["base"], "tunery://default/report-elsewhere", (2, 2))
+    stored = [mine, other, SimpleNamespace(id="r", metadata={"report": "eval"}, metrics={})]
+    client = SimpleNamespace(list_artifacts=lambda kind: iter(stored))
+    assert d["reports"] == uris
+    assert arenas(client, d) == [f"blind A/B (arena-02): {A_B}"]

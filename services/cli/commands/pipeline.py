@@ -94,12 +94,10 @@ def arenas(c, data: dict) -> list[str]:
     """The blind A/B results (`tunery arena`) between two of this pipeline's reports, as sentences."""
     from services.evaluation.arena import Tally
 
-    mine = {u for k, u in data["artifacts"].items() if k.endswith("_report")}
-    mine |= {f["report"] for f in data["forms"] if f["report"]} | {data["deployment"].get("report", "")}
-    names = {u: n for n, u in data["artifacts"].items()} | {f["report"]: f["name"] for f in data["forms"]}
+    names = {u: n for n, u in data["reports"].items()}  # base, base+prompting, base+adapter, merged, ...
     lines = []
     for a in c.list_artifacts(kind=pb.ARTIFACT_KIND_REPORT):
-        if meta(a, "report") == "arena" and {meta(a, "report_a"), meta(a, "report_b")} <= mine:
+        if meta(a, "report") == "arena" and {meta(a, "report_a"), meta(a, "report_b")} <= set(names):
             m = a.metrics
             t = Tally(*(int(m[k]) for k in ("a_wins", "b_wins", "ties", "both_bad")), m["b_win_rate"], m["ci_low"],
                       m["ci_high"])
@@ -200,10 +198,14 @@ def run(file: Path = typer.Argument(..., help="A pipeline file (examples/demo.ya
 @pipeline_app.command("report")
 def report(pipeline: str = typer.Argument(..., help="A pipeline id (or the job id of one of its attempts)."),
            open_: bool = typer.Option(False, "--open", help="Open the HTML report in a browser.")) -> None:
-    """A pipeline's report: the summary here, the HTML page saved (and opened)."""
+    """A pipeline's report: the summary here, the HTML page saved (and opened), with the blind A/B votes cast
+    since (`tunery arena`)."""
+    from services.pipeline.report import with_arenas
+
     c = client()
     uri, data, html = report_of(c, pipeline)
     ab = arenas(c, data)
+    html.write_text(with_arenas(html.read_text(), ab))
     if OPTS["json"]:
         emit({**data, "report": uri, "report_html": str(html), "arena": ab})
     else:
