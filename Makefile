@@ -16,10 +16,6 @@ PYTEST    ?= -q --durations=40
 TRAIN_TESTS := tests/unit/train
 # ... and those that need vLLM: the serve venv's interpreter.
 SERVE_TESTS := tests/unit/serve
-# The main job (`make demo` on the smoke slice) from a stack of its own: a pytest run of its own beside the control run.
-DEMO_TEST := tests/e2e/test_demo.py
-# The second lane of `make test` yields the CPU to the control run (see .test-control)
-BACKGROUND := nice -n 10
 
 .PHONY: .test-control .test-workers help foundation smollm2 lm-eval-index setup setup-browser setup-promptfoo setup-grpc-node setup-llama-cpp setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-quantize bench-prepare bench-generate bench-serve up down status clean
 
@@ -100,18 +96,16 @@ test: export TUNERY_STRICT_SKIPS = 1
 test: setup fixtures ## Run every test (unit, integration, e2e) against real Ray, S3 and gRPC on 127.0.0.1; a skip fails
 	$(MAKE) --no-print-directory -j2 -Otarget .test-control .test-workers
 
-# Two lanes. The control venv's run (unit, integration, e2e but the demo) keeps the 2-core machine only ~65% busy
-# (a vLLM engine computes on one thread; job and engine starts are one process at a time), and it is the critical
-# path: it runs at normal priority. Beside it, at `nice -n 10`, the train venv's tests, the serve venv's, then the
-# demo (its own stack, nothing shared with the control run) take the CPU the control run leaves idle, and yield
-# it when the control run wants it (at equal priority the two lanes slowed each other down to no gain).
+# The three interpreters' runs: the control venv's (unit, integration, e2e; the demo, tests/e2e/test_demo.py,
+# last), and beside its start the train venv's then the serve venv's. The machine is CPU-bound: the demo in a lane
+# of its own beside the control run, at equal priority or at nice 10, made the control run 1.5-1.6x slower for no
+# gain (docs/architecture.md). Each run's output is printed whole when it ends.
 .test-control:
-	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS) --ignore=$(DEMO_TEST)
+	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS)
 
 .test-workers:
-	$(BACKGROUND) $(LOOPBACK) .venvs/train/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(TRAIN_TESTS)
-	$(BACKGROUND) $(LOOPBACK) .venvs/serve/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(SERVE_TESTS)
-	$(BACKGROUND) $(LOOPBACK) $(VPY) -m pytest $(PYTEST) -p no:cacheprovider $(DEMO_TEST)
+	$(LOOPBACK) .venvs/train/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(TRAIN_TESTS)
+	$(LOOPBACK) .venvs/serve/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(SERVE_TESTS)
 
 test-unit: setup-control protos setup-promptfoo ## Unit tier of the control venv (-m unit: fast, fakes allowed, no Ray)
 	$(VPY) -m pytest $(PYTEST) -m unit tests --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS)
@@ -120,7 +114,7 @@ test-integration: setup fixtures ## Integration tier (-m integration: real Ray, 
 	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) -m integration tests
 
 test-e2e: setup fixtures ## End-to-end tier (-m e2e: the tunery CLI on the embedded stack, the demo)
-	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) -m e2e tests --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS)
+	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) -m e2e tests
 
 bench: setup-control protos fixtures ## Benchmarks (ratios against the bare libraries)
 	$(LOOPBACK) $(VPY) -m bench.run

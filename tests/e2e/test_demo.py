@@ -1,8 +1,8 @@
 """The main job: `tunery pipeline run examples/demo.yaml --smoke` (what `make demo` runs, on the smoke slice), from
 a stack the command starts and stops itself, as `make demo` does on a fresh machine.
 
-It shares nothing with the other tests' session (its own Ray head, store and services), so `make test` runs this
-file as a pytest run of its own beside the control run (the Makefile's `.test-demo`), not after it.
+It shares nothing with the other tests' session (its own Ray head, store and services); it is the control run's
+last test (tests/tiers.py runs the e2e tier last, and this file after test_cli.py).
 """
 
 from __future__ import annotations
