@@ -33,7 +33,7 @@ def _blocks(report: evaluation_pb2.EvalReport) -> dict[str, dict]:
 
 
 def build_report(p: Pipeline, error: str = "") -> dict[str, Any]:
-    reports = p.reports()
+    reports, uris = p.reports(), p.report_uris()
     gate = p.gate
     verdict = "ERROR" if error else (gate.get("verdict") or "NOT EVALUATED")
     runs = p.stages.runs
@@ -56,9 +56,9 @@ def build_report(p: Pipeline, error: str = "") -> dict[str, Any]:
                    "greedy_agreement": f.greedy_agreement, "comparison": f.comparison, "metrics": f.metrics,
                    "paired": f.paired} for f in p.forms],
         "blocks": {name: _blocks(r) for name, r in reports.items()},
-        "reports": p.report_uris(),  # each evaluated form's report by its name (base, base+adapter, merged, ...)
+        "reports": uris,  # each evaluated form's report by its name (base, base+adapter, merged, ...)
         "eval_seconds": {name: {k: round(v, 1) for k, v in p.c.get_artifact(uri).metrics.items()
-                                if k in ("server_start_s", "tests_s")} for name, uri in p.report_uris().items()},
+                                if k in ("server_start_s", "tests_s")} for name, uri in uris.items()},
         "training": {k: v for k, v in getattr(p, "train_metrics", {}).items()
                      if k in ("train_loss", "final_loss", "seconds", "step", "num_tokens")},
         "stages": [{"stage": r.stage, "job": r.job_id, "state": r.state, "seconds": r.seconds,

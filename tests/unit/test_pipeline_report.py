@@ -143,3 +143,5 @@ def test_pipeline_report_finds_the_votes_between_two_of_its_reports():
     client = SimpleNamespace(list_artifacts=lambda kind: iter(stored))
     assert d["reports"] == uris
     assert arenas(client, d) == [f"blind A/B (arena-02): {A_B}"]
+    # a report written before it named its reports: no arena lines, and no crash
+    assert arenas(client, {k: v for k, v in d.items() if k != "reports"}) == []

@@ -94,7 +94,8 @@ def arenas(c, data: dict) -> list[str]:
     """The blind A/B results (`tunery arena`) between two of this pipeline's reports, as sentences."""
     from services.evaluation.arena import Tally
 
-    names = {u: n for n, u in data["reports"].items()}  # base, base+prompting, base+adapter, merged, ...
+    # base, base+prompting, base+adapter, merged, ...: a report written before the key existed has no arena lines
+    names = {u: n for n, u in data.get("reports", {}).items()}
     lines = []
     for a in c.list_artifacts(kind=pb.ARTIFACT_KIND_REPORT):
         if meta(a, "report") == "arena" and {meta(a, "report_a"), meta(a, "report_b")} <= set(names):
