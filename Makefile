@@ -16,6 +16,8 @@ PYTEST    ?= -q --durations=40
 TRAIN_TESTS := tests/unit/train
 # ... and those that need vLLM: the serve venv's interpreter.
 SERVE_TESTS := tests/unit/serve
+# The main job's e2e test: a run of its own after the control venv's (its own stack, nothing shared)
+DEMO_TEST := tests/e2e/test_demo.py
 
 .PHONY: .test-control .test-workers help foundation smollm2 lm-eval-index setup setup-browser setup-promptfoo setup-grpc-node setup-llama-cpp setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-quantize bench-prepare bench-generate bench-serve up down status clean
 
@@ -96,12 +98,15 @@ test: export TUNERY_STRICT_SKIPS = 1
 test: setup fixtures ## Run every test (unit, integration, e2e) against real Ray, S3 and gRPC on 127.0.0.1; a skip fails
 	$(MAKE) --no-print-directory -j2 -Otarget .test-control .test-workers
 
-# The three interpreters' runs: the control venv's (unit, integration, e2e; the demo, tests/e2e/test_demo.py,
-# last), and beside its start the train venv's then the serve venv's. The machine is CPU-bound: the demo in a lane
-# of its own beside the control run, at equal priority or at nice 10, made the control run 1.5-1.6x slower for no
-# gain (docs/architecture.md). Each run's output is printed whole when it ends.
+# The three interpreters' runs: the control venv's (unit, integration, e2e), then the demo (tests/e2e/test_demo.py)
+# as a pytest run of its own once the control run's session components (its Ray head, Serve, the shared vLLM
+# server, the e2e stack) are gone: beside them, idle, it ran 1.3x slower (CI, stop 28). Beside the control run's
+# start, the train venv's run then the serve venv's. The machine is CPU-bound: the demo in a lane of its own beside
+# the control run, at equal priority or at nice 10, made the control run 1.5-1.6x slower for no gain
+# (docs/architecture.md). Each lane's output is printed whole when it ends.
 .test-control:
-	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS)
+	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) tests --ignore=$(TRAIN_TESTS) --ignore=$(SERVE_TESTS) --ignore=$(DEMO_TEST)
+	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) -p no:cacheprovider $(DEMO_TEST)
 
 .test-workers:
 	$(LOOPBACK) .venvs/train/bin/python -m pytest $(PYTEST) -p no:cacheprovider $(TRAIN_TESTS)
@@ -113,8 +118,9 @@ test-unit: setup-control protos setup-promptfoo ## Unit tier of the control venv
 test-integration: setup fixtures ## Integration tier (-m integration: real Ray, S3 and gRPC)
 	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) -m integration tests
 
-test-e2e: setup fixtures ## End-to-end tier (-m e2e: the tunery CLI on the embedded stack, the demo)
-	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) -m e2e tests
+test-e2e: setup fixtures ## End-to-end tier (-m e2e: the tunery CLI on the embedded stack, then the demo alone)
+	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) -m e2e tests --ignore=$(DEMO_TEST)
+	$(LOOPBACK) $(VPY) -m pytest $(PYTEST) -p no:cacheprovider $(DEMO_TEST)
 
 bench: setup-control protos fixtures ## Benchmarks (ratios against the bare libraries)
 	$(LOOPBACK) $(VPY) -m bench.run

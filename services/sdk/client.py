@@ -489,12 +489,17 @@ class TuneryClient:
                     raise
                 time.sleep(0.3)
 
-    def wait(self, job_id: str, timeout: float = 600.0, poll_s: float = 0.3) -> pb.Job:
+    def wait(self, job_id: str, timeout: float = 600.0, poll_s: float = 0.2, max_poll_s: float = 1.0) -> pb.Job:
+        """The job once it has ended. Polls GetJob (each poll reads the job's files and asks Ray) every `poll_s`
+        at first, backing off to every `max_poll_s` while it runs: a short job is seen ending at once, a long one
+        costs the service one poll a second."""
         deadline = time.monotonic() + timeout
+        delay = poll_s
         while True:
             job = self.get_job(job_id)
             if job.state in TERMINAL:
                 return job
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {pb.JobState.Name(job.state)} after {timeout:.0f}s")
-            time.sleep(poll_s)
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic()) + 0.01))
+            delay = min(delay * 1.5, max_poll_s)

@@ -7,6 +7,7 @@ Under any other interpreter (the control venv has no torch) the whole module is 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -132,15 +133,19 @@ def test_answer_rule():
 
 
 def test_greedy_accuracy_matches_recorded(model, tok, facts, info):
-    """Recomputed here with an independent loop: the chat template, greedy, 8 new tokens, exact match."""
-    correct = 0
-    for f in facts:
-        enc = tok.apply_chat_template([{"role": "user", "content": f["question"]}], add_generation_prompt=True,
-                                      return_dict=True, return_tensors="pt")
+    """Recomputed here with an independent loop: the chat template, greedy, 8 new tokens, exact match; in left-padded
+    batches of 64 (one prompt at a time gives the same 314 answers, 6x slower)."""
+    correct, left = 0, copy.copy(tok)
+    left.padding_side = "left"
+    for i in range(0, len(facts), 64):
+        chunk = facts[i:i + 64]
+        texts = [left.apply_chat_template([{"role": "user", "content": f["question"]}], add_generation_prompt=True,
+                                          tokenize=False) for f in chunk]
+        enc = left(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=8, do_sample=False)
-        got = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        correct += got.strip().rstrip(".,!?;: ").strip().lower() == f["answer"].lower()
+        for f, got in zip(chunk, left.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)):
+            correct += got.strip().rstrip(".,!?;: ").strip().lower() == f["answer"].lower()
     recorded = info["accuracy"]
     assert recorded["total"] == len(facts)
     assert abs(correct - recorded["correct"]) <= 1, (correct, recorded["correct"])
