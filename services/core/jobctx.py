@@ -179,10 +179,11 @@ def use_cpu_threads(cpus: float, env: dict[str, str] | None = None) -> int:
 
 def run_job(service: str, handlers: dict[str, tuple[Callable[[JobContext, Any], None], type[BaseModel]]]) -> None:
     """A service's job entrypoint (`python -m services.<service>.job <spec-uri>`): the envelope's kind picks the
-    handler, which gets the context and its typed spec. Train- and quantize-role jobs (torch in-process) get as many CPU threads
-    as they reserved CPUs; serve-role jobs leave threads to their engine (services.core.vllm)."""
+    handler, which gets the context and its typed spec. Every job's CPU thread pools get the CPUs it reserved:
+    torch in train- and quantize-role jobs, and in serve-role jobs the engine they start (vLLM on CPU takes the
+    job's OMP_NUM_THREADS, services.core.vllm.server_env). Control-role jobs compute nothing."""
     with JobContext.from_argv() as ctx:
-        if ctx.envelope.role in ("train", "quantize"):
+        if ctx.envelope.role in ("train", "quantize", "serve"):
             use_cpu_threads(ctx.envelope.resources.cpus)
         entry = handlers.get(ctx.envelope.kind)
         if entry is None:

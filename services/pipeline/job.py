@@ -101,13 +101,18 @@ class Stages:
                 return None
             raise
 
-    def run(self, stage: str, what: str, submit: Callable[[pb.SubmitOptions], pb.Job]) -> pb.Job:
+    def run(self, stage: str, what: str, submit: Callable[[pb.SubmitOptions], pb.Job], *,
+            redo: bool = False) -> pb.Job:
+        """The stage's job, by key: a running or succeeded one is re-attached to; a failed or cancelled one is
+        retried under the next key (`<pipeline>-<stage>-r2`, ...). `redo`: a succeeded one too (what it made is
+        gone, e.g. a deployment whose cluster restarted)."""
         self.current = stage
         base = f"{self.pid}-{stage}"
+        done = {pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED} | ({pb.JOB_STATE_SUCCEEDED} if redo else set())
         for attempt in range(1, 20):
             key = base if attempt == 1 else f"{base}-r{attempt}"
             job = self.find(key)
-            if job is not None and job.state in (pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED):
+            if job is not None and job.state in done:
                 continue
             reattached = job is not None
             if job is None:
@@ -169,6 +174,10 @@ def broken(reasons: list[str]) -> str:
 
 def block_name(b: int) -> str:
     return evaluation_pb2.EvalBlock.Name(b).removeprefix("EVAL_BLOCK_").lower()
+
+
+def deployment_state(dep: serving_pb2.Deployment) -> str:
+    return serving_pb2.DeploymentState.Name(dep.state).removeprefix("DEPLOYMENT_STATE_")
 
 
 def verdict_name(v: int) -> str:
@@ -487,16 +496,24 @@ class Pipeline:
             d.adapters.add(name=self.spec.name or "adapter", adapter=ref(form.artifact))
         else:
             d.model.CopyFrom(ref(form.artifact))
-        self.stages.run("serve", f"serve {form.name} as deployment {d.name}", lambda o: self.c.call(
-            self.c.serving.CreateDeployment, serving_pb2.CreateDeploymentRequest(spec=d, options=o)))
-        dep = self.c.get_deployment(d.name)
-        if dep.state != serving_pb2.DEPLOYMENT_STATE_READY:  # re-attached to a deployment that is gone
-            state = serving_pb2.DeploymentState.Name(dep.state).removeprefix("DEPLOYMENT_STATE_")
-            raise StageFailed(f"serve: deployment {d.name} is {state}{': ' + dep.message if dep.message else ''} "
-                              f"(its cluster restarted?): `tunery serve delete {d.name}`, then run the pipeline again")
+        dep = self.deploy(d, form)
+        if dep.state != serving_pb2.DEPLOYMENT_STATE_READY and self.stages.runs["serve"].reattached:
+            # re-attached to a serve job that succeeded, but its deployment is gone (the cluster restarted, or
+            # someone deleted it): deploy it again, as the resubmitted pipeline asks
+            self.ctx.event(f"serve: deployment {d.name} is {deployment_state(dep)}"
+                           f"{': ' + dep.message if dep.message else ''}; deploying it again", level="warning")
+            try:
+                self.c.delete_deployment(d.name)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+            dep = self.deploy(d, form, redo=True)
+        if dep.state != serving_pb2.DEPLOYMENT_STATE_READY:
+            raise StageFailed(f"serve: deployment {d.name} is {deployment_state(dep)}"
+                              f"{': ' + dep.message if dep.message else ''}")
         self.deployment = {"name": d.name, "form": form.name, "model": form.artifact or base,
                            "base_url": dep.base_url, "served_models": list(dep.served_models),
-                           "state": serving_pb2.DeploymentState.Name(dep.state).removeprefix("DEPLOYMENT_STATE_"),
+                           "state": deployment_state(dep),
                            "answered": self.ask(dep)}
         if "eval" not in self.skip:
             served = d.adapters[0].name if form.name == "base+adapter" else ""
@@ -510,6 +527,11 @@ class Pipeline:
             self.c.delete_deployment(d.name)
             self.deployment["state"] = "DELETED (smoke: never promoted)"
             self.ctx.event(f"smoke: deployment {d.name} deleted after its evaluation")
+
+    def deploy(self, d: serving_pb2.DeploymentSpec, form: Form, redo: bool = False) -> serving_pb2.Deployment:
+        self.stages.run("serve", f"serve {form.name} as deployment {d.name}", lambda o: self.c.call(
+            self.c.serving.CreateDeployment, serving_pb2.CreateDeploymentRequest(spec=d, options=o)), redo=redo)
+        return self.c.get_deployment(d.name)
 
     def ask(self, dep) -> dict:
         """One request through the openai client, as a user's program sends it: the first held-out prompt."""

@@ -1,8 +1,9 @@
 """The main job: `tunery pipeline run examples/demo.yaml --smoke` (what `make demo` runs, on the smoke slice), from
 a stack the command starts and stops itself, as `make demo` does on a fresh machine.
 
-It shares nothing with the other tests' session (its own Ray head, store and services); it is the control run's
-last test (tests/tiers.py runs the e2e tier last, and this file after test_cli.py).
+It shares nothing with the other tests' session (its own Ray head, store and services). `make test` runs it as a
+pytest run of its own once the control run has ended, so that run's idle components do not slow it (a `pytest tests`
+that selects it too runs it last: tests/tiers.py runs the e2e tier last, and this file after test_cli.py).
 """
 
 from __future__ import annotations

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 from pydantic import BaseModel
 
@@ -165,6 +167,37 @@ def test_a_train_job_gets_the_cpu_threads_it_reserved():
     assert use_cpu_threads(2.0, env) == 2 and all(env[k] == "2" for k in CPU_THREAD_VARS)
     assert use_cpu_threads(0.5, env) == 1 and env["OMP_NUM_THREADS"] == "1"
     assert use_cpu_threads(0, env) == 1
+
+
+@pytest.mark.parametrize("role,threads", [("train", "2"), ("quantize", "2"), ("serve", "2"), ("control", "1")])
+def test_run_job_gives_the_reserved_cpus_to_the_thread_pools_of_every_computing_role(monkeypatch, role, threads):
+    """Ray starts an entrypoint with OMP_NUM_THREADS=1: a job that reserved 2 CPUs computes on 2 threads, whether
+    torch runs in-process (train, quantize) or in the engine a serve-role job starts (vLLM takes the job's
+    OMP_NUM_THREADS); a control-role job keeps Ray's 1."""
+    from types import SimpleNamespace
+
+    from services.core import jobctx
+
+    for k in jobctx.CPU_THREAD_VARS:
+        monkeypatch.setenv(k, "1")
+    seen = {}
+
+    class Ctx:
+        envelope = SimpleNamespace(role=role, kind="k", resources=SimpleNamespace(cpus=2.0))
+        spec = {}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(jobctx.JobContext, "from_argv", classmethod(lambda cls: Ctx()))
+    class Spec(BaseModel):
+        pass
+
+    jobctx.run_job("svc", {"k": (lambda ctx, spec: seen.update(os.environ), Spec)})
+    assert seen["OMP_NUM_THREADS"] == threads and seen["MKL_NUM_THREADS"] == threads
 
 
 class RestartedRay:
