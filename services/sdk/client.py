@@ -91,6 +91,10 @@ def ref(artifact: str) -> pb.ArtifactRef:
     return pb.ArtifactRef(uri=artifact)
 
 
+# DeleteDeployment's deadline: above the serving service's own wait for its delete job (delete_timeout_s, 120 s)
+DELETE_DEPLOYMENT_TIMEOUT_S = 180.0
+
+
 class TuneryClient:
     """`target` is the registry's address; `endpoints` (or TUNERY_<SERVICE>_ADDR) name the other services'."""
 
@@ -428,8 +432,11 @@ class TuneryClient:
             if not token:
                 return
 
-    def delete_deployment(self, name: str) -> serving_pb2.Deployment:
-        return self._call(self.serving.DeleteDeployment, serving_pb2.DeleteDeploymentRequest(name=name))
+    def delete_deployment(self, name: str, timeout: float = DELETE_DEPLOYMENT_TIMEOUT_S) -> serving_pb2.Deployment:
+        """Stops the deployment and answers when it is gone: the serving service waits for its delete job (up to
+        its delete_timeout_s, 120 s by default), so the call's deadline is longer than the client's default."""
+        return self._call(self.serving.DeleteDeployment, serving_pb2.DeleteDeploymentRequest(name=name),
+                          timeout=max(timeout, self.timeout))
 
     def add_adapter(self, deployment: str, name: str, adapter: str, *, key: str = "") -> pb.Job:
         return self._call(self.serving.AddAdapter, serving_pb2.AddAdapterRequest(

@@ -63,3 +63,22 @@ def test_timeout_names_the_state_and_does_not_sleep_past_the_deadline(monkeypatc
     with pytest.raises(TimeoutError, match="j3 still JOB_STATE_QUEUED after 3s"):
         client.wait("j3", timeout=3)
     assert clock.now <= 3.0 + 0.02 + 1.0 and all(s <= 1.0 for s in clock.sleeps)
+
+
+def test_delete_deployment_waits_longer_than_the_service_does():
+    """DeleteDeployment answers once the service's delete job has ended (up to its delete_timeout_s): the client's
+    deadline must outlast that wait, or a slow but successful delete reads as DEADLINE_EXCEEDED (a test run saw it
+    at the default 30 s)."""
+    from services.serving.service import ServingSettings
+
+    client = TuneryClient("127.0.0.1:1", "t")
+    seen = {}
+
+    class Stub:
+        def DeleteDeployment(self, request, metadata=None, timeout=None):
+            seen.update(name=request.name, timeout=timeout)
+            return "deleted"
+
+    client.serving = Stub()
+    assert client.delete_deployment("d") == "deleted" and seen["name"] == "d"
+    assert seen["timeout"] > ServingSettings.model_fields["delete_timeout_s"].default >= client.timeout
