@@ -180,6 +180,11 @@ def deployment_state(dep: serving_pb2.Deployment) -> str:
     return serving_pb2.DeploymentState.Name(dep.state).removeprefix("DEPLOYMENT_STATE_")
 
 
+def deployment_said(dep: serving_pb2.Deployment) -> str:
+    """'FAILED: <Serve's message>', or the state alone."""
+    return deployment_state(dep) + (f": {dep.message}" if dep.message else "")
+
+
 def verdict_name(v: int) -> str:
     return evaluation_pb2.Verdict.Name(v).removeprefix("VERDICT_")
 
@@ -500,8 +505,8 @@ class Pipeline:
         if dep.state != serving_pb2.DEPLOYMENT_STATE_READY and self.stages.runs["serve"].reattached:
             # re-attached to a serve job that succeeded, but its deployment is gone (the cluster restarted, or
             # someone deleted it): deploy it again, as the resubmitted pipeline asks
-            self.ctx.event(f"serve: deployment {d.name} is {deployment_state(dep)}"
-                           f"{': ' + dep.message if dep.message else ''}; deploying it again", level="warning")
+            self.ctx.event(f"serve: deployment {d.name} is {deployment_said(dep)}; deploying it again",
+                           level="warning")
             try:
                 self.c.delete_deployment(d.name)
             except grpc.RpcError as e:
@@ -509,8 +514,7 @@ class Pipeline:
                     raise
             dep = self.deploy(d, form, redo=True)
         if dep.state != serving_pb2.DEPLOYMENT_STATE_READY:
-            raise StageFailed(f"serve: deployment {d.name} is {deployment_state(dep)}"
-                              f"{': ' + dep.message if dep.message else ''}")
+            raise StageFailed(f"serve: deployment {d.name} is {deployment_said(dep)}")
         self.deployment = {"name": d.name, "form": form.name, "model": form.artifact or base,
                            "base_url": dep.base_url, "served_models": list(dep.served_models),
                            "state": deployment_state(dep),

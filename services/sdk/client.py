@@ -432,11 +432,11 @@ class TuneryClient:
             if not token:
                 return
 
-    def delete_deployment(self, name: str, timeout: float = DELETE_DEPLOYMENT_TIMEOUT_S) -> serving_pb2.Deployment:
+    def delete_deployment(self, name: str, timeout: float | None = None) -> serving_pb2.Deployment:
         """Stops the deployment and answers when it is gone: the serving service waits for its delete job (up to
-        its delete_timeout_s, 120 s by default), so the call's deadline is longer than the client's default."""
+        its delete_timeout_s, 120 s by default), so the call's default deadline is longer than the client's."""
         return self._call(self.serving.DeleteDeployment, serving_pb2.DeleteDeploymentRequest(name=name),
-                          timeout=max(timeout, self.timeout))
+                          timeout=timeout or max(DELETE_DEPLOYMENT_TIMEOUT_S, self.timeout))
 
     def add_adapter(self, deployment: str, name: str, adapter: str, *, key: str = "") -> pb.Job:
         return self._call(self.serving.AddAdapter, serving_pb2.AddAdapterRequest(
