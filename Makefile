@@ -133,7 +133,7 @@ test-e2e: setup fixtures ## End-to-end tier (-m e2e: the tunery CLI on the embed
 bench: setup-control protos fixtures ## Benchmarks (ratios against the bare libraries)
 	$(LOOPBACK) $(VPY) -m bench.run
 
-bench-train: setup-train fixtures ## Training throughput: the job's packed loop against bare TRL SFTTrainer + PEFT
+bench-train: setup-train fixtures ## Training speed and memory: the job against bare TRL SFTTrainer + PEFT, padded and packing=True
 	.venvs/train/bin/python -m bench.train_throughput
 
 bench-merge: setup-train fixtures ## Merge: the streaming merge against PEFT merge_and_unload + save_pretrained and a plain copy

@@ -1,22 +1,34 @@
-"""Training throughput: the job's training loop (packing + padding-free batches) against a bare TRL SFTTrainer +
-PEFT script, same tiny model, same data, same hyperparameters, side by side in one process.
+"""Training throughput and memory: the job's training loop (packing + padding-free batches, micro-batches sized in
+examples) against the two bare TRL SFTTrainer + PEFT scripts a user would write, same tiny model, same data, same
+hyperparameters, each run in a fresh process of its own.
 
-    .venvs/train/bin/python -m bench.train_throughput [--examples 1000] [--epochs 1] [--repeats 3] [--job-micro-batch-size N]
+    .venvs/train/bin/python -m bench.train_throughput [--examples 1000] [--epochs 1] [--repeats 3]
+        [--sides job,trl,trl-packed[,trl-grouped,job-compile,job-bf16]] [--job-micro-batch-size N]
 
-- job:  services.training.sft.fit with a TrainingJobSpec (packing=True: the job pre-tokenizes with the chat
-        template, assistant-only loss masks, TRL's BFD packing, padding-free batches with position_ids), called
-        in-process with a stand-in job context whose artifacts are a real ArtifactStore over a local store in a
-        temp dir (checkpoints go there, as in a job).
-- bare: the obvious script: SFTTrainer(model=AutoModelForCausalLM..., args=SFTConfig(...), train_dataset=
-        Dataset.from_list([{"messages": ...}]), peft_config=LoraConfig(...)) with assistant_only_loss=True and
-        the default padded batches (no packing).
-Both see the same examples for the same number of epochs (equal work in examples, not in optimizer steps: a
-packed step holds more examples), with the same learning rate and schedule, micro-batch size, LoRA settings,
-seed, max_length and checkpoint interval. tokens/s counts real (non-padding) tokens of the training set per
-second of `trainer.train()` wall time (model loading, tokenization and packing are outside it and reported as
-setup); tokens per CPU-second beside it (process CPU time of the same call) stays steady on a shared box, where
-wall time does not. torch runs on 1 thread by default (--threads), on both sides. The runs alternate job/bare,
-bare/job, ...; the table shows each side's medians, and the ratio is the median of the per-repeat pairs.
+Sides:
+- job:         services.training.sft.fit with a TrainingJobSpec (packing=True: the job pre-tokenizes with the chat
+               template, assistant-only loss masks, TRL's BFD packing, padding-free batches with position_ids, a
+               micro-batch of packed rows that holds about micro_batch_size examples), called in-process with a
+               stand-in job context whose artifacts are a real ArtifactStore over a local store in a temp dir
+               (checkpoints go there, as in a job).
+- trl:         the obvious script: SFTTrainer(model=..., args=SFTConfig(...), train_dataset=Dataset.from_list(
+               [{"messages": ...}]), peft_config=LoraConfig(...)) with assistant_only_loss=True and TRL's default
+               padded batches.
+- trl-packed:  the same script with packing=True (TRL's BFD packing, padding-free): micro_batch_size packed rows
+               of max_length tokens per step.
+- trl-grouped: (optional) the padded script with train_sampling_strategy="group_by_length" (transformers 5's name
+               for group_by_length: batches of similar lengths, less padding).
+- job-compile, job-bf16: (optional) levers on the job: torch.compile (its warm-up inside the timed train()), and
+               bf16 base weights with fp32 LoRA parameters under CPU autocast.
+All sides see the same examples for the same number of epochs (equal work in examples, not in optimizer steps: a
+packed step holds more examples), with the same learning rate and schedule, LoRA settings, seed, max_length and
+checkpoint interval. tokens/s counts real (non-padding) tokens of the training set per second of
+`trainer.train()` wall time (model loading, tokenization and packing are outside it and reported as setup);
+tokens per CPU-second beside it (process CPU time of the same call) stays steady on a shared box, where wall time
+does not. torch runs on 1 thread by default (--threads), on every side. Each run is a fresh spawned process
+(nothing cached from the side before it), so its peak RSS is its own: the peak resident memory during train()
+(Linux VmHWM, reset as train() starts) and the resident memory just before it. The runs rotate their order per
+repeat; the table shows each side's medians, and each ratio is the median of the per-repeat pairs.
 
 A packed micro-batch is micro_batch_size sequences of up to max_length tokens, i.e. several examples each, so at
 the same micro_batch_size the job takes fewer, larger optimizer steps per epoch; and without a varlen attention
@@ -25,7 +37,7 @@ block-diagonal attention mask still costs the full quadratic attention. --job-mi
 micro-batch alone to see both effects.
 
 Losses: the train loss is the mean logged loss over the last 10% of each side's steps; the held-out eval loss is
-computed after training, the same way for both adapters: the same held-out conversations, unpacked, right-padded
+computed after training, the same way for every side: the same held-out conversations, unpacked, right-padded
 with an attention mask, token-weighted cross-entropy over the assistant tokens (the chat template's
 {% generation %} mask).
 
@@ -44,7 +56,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +68,11 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "build" / "fixtures" / "tiny-llama"
 OUT = REPO / "build" / "bench" / "train_throughput.json"
-SIDES = ("job", "bare")
+MIB = 1024 * 1024
+SIDES = ("job", "trl", "trl-packed")
+OPTIONAL_SIDES = ("trl-grouped", "job-compile", "job-bf16")
+LABELS = {"job": "job (packed)", "trl": "TRL (padded)", "trl-packed": "TRL packing=True", "trl-grouped":
+          "TRL group_by_length", "job-compile": "job + torch.compile", "job-bf16": "job + bf16 (CPU autocast)"}
 
 
 @dataclass
@@ -77,6 +93,7 @@ class BenchConfig:
     seed: int = 0
     threads: int = 1
     model: str = str(MODEL)
+    sides: tuple[str, ...] = SIDES
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -137,6 +154,32 @@ def make_examples(n: int, seed: int) -> list[dict[str, Any]]:
     return out
 
 
+# ChatML with the assistant turns marked for assistant-only loss (SmolLM2's own template has no markers)
+CHATML_MARKED = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def with_generation_markers(model: Path, work: Path) -> Path:
+    """The model itself if its chat template marks the assistant turns ({% generation %}); for a ChatML template
+    without them (SmolLM2), a folder of links to its files with the marked ChatML template beside them."""
+    template = model / "chat_template.jinja"
+    text = template.read_text() if template.is_file() else ""
+    if "{% generation %}" in text or "<|im_start|>" not in text:
+        return model
+    out = work / f"{model.name}-marked"
+    out.mkdir(parents=True, exist_ok=True)
+    for f in model.iterdir():
+        if f.name != "chat_template.jinja":
+            (out / f.name).symlink_to(f.resolve())
+    (out / "chat_template.jinja").write_text(CHATML_MARKED)
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -180,7 +223,7 @@ class BenchContext:
         return None
 
 
-def job_spec(cfg: BenchConfig, base_model, dataset):
+def job_spec(cfg: BenchConfig, base_model, dataset, precision: str = "fp32"):
     from services.training.spec import LoraSpec, OptimizerSpec, TrainingJobSpec
 
     return TrainingJobSpec(
@@ -190,7 +233,7 @@ def job_spec(cfg: BenchConfig, base_model, dataset):
         epochs=cfg.epochs, micro_batch_size=cfg.job_micro_batch_size or cfg.micro_batch_size,
         max_seq_len=cfg.max_seq_len, packing=True,
         seed=cfg.seed, eval_samples=0,  # the held-out loss is computed after training, the same way for both sides
-        checkpoint_every_steps=cfg.checkpoint_every, precision="fp32", device="cpu")
+        checkpoint_every_steps=cfg.checkpoint_every, precision=precision, device="cpu")
 
 
 def register(ctx: BenchContext, kind: str, name: str, folder: Path):
@@ -201,21 +244,50 @@ def register(ctx: BenchContext, kind: str, name: str, folder: Path):
     return writer.commit({})[0].ref()
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's resident-memory high-water mark (Linux: VmHWM, `echo 5 > /proc/self/clear_refs`)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_bytes() -> int:
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss_bytes() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
 @contextlib.contextmanager
 def train_timer():
-    """Times every SFTTrainer.train() inside the block, wall and process CPU seconds: one stopwatch for both
-    sides (the job's fit() builds its trainer itself)."""
+    """Times every SFTTrainer.train() inside the block, wall and process CPU seconds, and its peak resident memory
+    (the high-water mark reset as it starts): one stopwatch for every side (the job's fit() builds its trainer)."""
     from trl import SFTTrainer
 
     orig = SFTTrainer.train
     box: dict[str, float] = {}
 
     def timed(self, *args, **kwargs):
+        box["rss_before_train_bytes"] = rss_bytes()
+        box["peak_rss_reset"] = reset_peak_rss()
         w, c = time.perf_counter(), time.process_time()
         try:
             return orig(self, *args, **kwargs)
         finally:
             box["train_s"], box["train_cpu_s"] = time.perf_counter() - w, time.process_time() - c
+            box["peak_rss_bytes"] = peak_rss_bytes()
 
     SFTTrainer.train = timed
     try:
@@ -224,41 +296,71 @@ def train_timer():
         SFTTrainer.train = orig
 
 
-def run_job(cfg: BenchConfig, data_dir: Path, work: Path) -> dict[str, Any]:
+@contextlib.contextmanager
+def compiled_trainer():
+    """The job's SFTConfig with torch_compile=True (a lever measured here, not a spec field)."""
+    from services.training import sft
+
+    orig = sft.sft_kwargs
+
+    def with_compile(*args, **kwargs):
+        return {**orig(*args, **kwargs), "torch_compile": True}
+
+    sft.sft_kwargs = with_compile
+    try:
+        yield
+    finally:
+        sft.sft_kwargs = orig
+
+
+def run_job(cfg: BenchConfig, data_dir: Path, work: Path, variant: str = "job") -> dict[str, Any]:
+    import peft  # noqa: F401 - imported before the clock starts, as run_trl does
+    import trl  # noqa: F401
+
     from services.training.sft import fit
 
     ctx = BenchContext(work / "store")
     spec = job_spec(cfg, register(ctx, "model", "tiny-llama", Path(cfg.model)),
-                    register(ctx, "dataset", "synthetic", data_dir))
+                    register(ctx, "dataset", "synthetic", data_dir),
+                    precision="bf16" if variant == "job-bf16" else "fp32")
     out = work / "run"
     out.mkdir(parents=True)
     t0 = time.perf_counter()
-    with train_timer() as timer:
+    with train_timer() as timer, (compiled_trainer() if variant == "job-compile" else contextlib.nullcontext()):
         result = fit(ctx, spec, Path(cfg.model), data_dir, out, None)
     wall = time.perf_counter() - t0
     assert "cancelled" not in result, result
+    rows = next((int(e["text"].split()[1]) for e in ctx.events if e["text"].startswith("packing: ")),
+                spec.micro_batch_size)
     return {**timer, "wall_s": wall, "job_reported_s": result["seconds"], "steps": result["step"],
-            "log_history": result["log_history"], "adapter": out / "adapter",
+            "rows_per_step": rows, "log_history": result["log_history"], "adapter": str(out / "adapter"),
             "checkpoints": sum(1 for e in ctx.events if e.get("type") == "artifact")}
 
 
-def run_bare(cfg: BenchConfig, train_rows: list[dict[str, Any]], work: Path) -> dict[str, Any]:
+def run_trl(cfg: BenchConfig, train_rows: list[dict[str, Any]], work: Path, variant: str = "trl") -> dict[str, Any]:
     """What a user writes with TRL + PEFT, given the same hyperparameters (TRL's SFTConfig defaults bf16 and
-    gradient checkpointing on: both off here, as in the job's spec)."""
+    gradient checkpointing on: both off here, and the base in float32, as in the job's spec). trl-packed adds packing=True (BFD,
+    padding-free), trl-grouped train_sampling_strategy="group_by_length"."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
+    import torch
+
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(cfg.model)
+    # float32 as the job's spec says (transformers 5 would otherwise load the checkpoint's own dtype: SmolLM2's
+    # bf16, whose matmuls this AVX2 CPU runs on a slow fallback path)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    extra: dict[str, Any] = {"packing": True} if variant == "trl-packed" else (
+        {"train_sampling_strategy": "group_by_length"} if variant == "trl-grouped" else {})
     args = SFTConfig(
         output_dir=str(work / "run"), num_train_epochs=cfg.epochs, per_device_train_batch_size=cfg.micro_batch_size,
         learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
         max_length=cfg.max_seq_len, assistant_only_loss=True, seed=cfg.seed,
         bf16=False, gradient_checkpointing=False, save_steps=cfg.checkpoint_every,
-        logging_steps=1, report_to="none", disable_tqdm=True)
+        logging_steps=1, report_to="none", disable_tqdm=True, **extra)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                          processing_class=tokenizer,
                          peft_config=LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
@@ -269,8 +371,58 @@ def run_bare(cfg: BenchConfig, train_rows: list[dict[str, Any]], work: Path) -> 
         trainer.train()
     trainer.save_model(str(work / "adapter"))
     return {**timer, "wall_s": time.perf_counter() - t0, "steps": trainer.state.global_step,
-            "log_history": trainer.state.log_history, "adapter": work / "adapter",
+            "rows_per_step": cfg.micro_batch_size, "log_history": trainer.state.log_history,
+            "adapter": str(work / "adapter"),
             "checkpoints": len(list((work / "run").glob("checkpoint-*")))}
+
+
+def planned_train_bytes(cfg: BenchConfig, rows_per_step: int) -> dict[str, float]:
+    """What the training service's planner (services/training/planner.py) says one step of this run adds above the
+    loaded model: adapter gradients, AdamW states and the activations of one micro-batch (fp32 on CPU, TRL's fused
+    LM head), for `rows_per_step` rows of max_seq_len tokens; the full-logits figure beside it."""
+    from services.training.planner import GIB, ModelShape, all_linear_targets, estimate
+
+    config = json.loads((Path(cfg.model) / "config.json").read_text())
+    kw = {"method": "lora", "rank": cfg.lora_rank, "target_modules": all_linear_targets(ModelShape.from_config(config)),
+          "micro_batch_size": rows_per_step,
+          "max_seq_len": cfg.max_seq_len, "gradient_checkpointing": False, "precision": "fp32",
+          "adapter_precision": "fp32", "dropout": cfg.lora_dropout}
+    out = {}
+    for head in ("fused", "full"):
+        est = estimate(config, lm_head=head, **kw)
+        out[head] = (est.gradients_gib + est.optimizer_gib + est.activations_gib) * GIB
+    return out
+
+
+def run_side(side: str, cfg: BenchConfig, data_dir: Path, train_rows: list[dict[str, Any]], work: Path) -> dict:
+    """One run of one side, in the calling process (the benchmark calls it in a fresh spawned process)."""
+    import resource
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    r = run_job(cfg, data_dir, work, side) if side.startswith("job") else run_trl(cfg, train_rows, work, side)
+    r["peak_rss_process_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    r["torch_threads"] = torch.get_num_threads()
+    return r
+
+
+def run_side_in_child(side: str, cfg: BenchConfig, data_dir: Path, train_rows: list[dict[str, Any]],
+                      work: Path) -> dict:
+    """run_side in a fresh spawned process: no side inherits another's imports, caches or allocator state, and
+    its peak memory is its own."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_side, side, cfg, data_dir, train_rows, work).result()
 
 
 # ---------------------------------------------------------------------------------------------- held-out loss
@@ -370,6 +522,8 @@ def _benchmark(cfg: BenchConfig, out_json: Path | None, say) -> dict[str, Any]:
 
     if not (Path(cfg.model) / "config.json").is_file():
         raise SystemExit(f"{cfg.model} is missing: run `make fixtures` first")
+    root = Path(tempfile.mkdtemp(prefix="tunery-bench-train-"))
+    cfg = replace(cfg, model=str(with_generation_markers(Path(cfg.model), root)))
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     assert GENERATION_MARKER in (tokenizer.chat_template or ""), "the fixture's template has no {% generation %}"
     train_rows = make_examples(cfg.examples, cfg.seed)
@@ -389,7 +543,6 @@ def _benchmark(cfg: BenchConfig, out_json: Path | None, say) -> dict[str, Any]:
         + (f" (job: {cfg.job_micro_batch_size} packed)" if cfg.job_micro_batch_size else "") + f", max_length {cfg.max_seq_len}, LoRA r{cfg.lora_rank} "
         f"a{cfg.lora_alpha:g} all-linear, {cfg.epochs:g} epoch(s), seed {cfg.seed}, {cfg.repeats} repeat(s)")
 
-    root = Path(tempfile.mkdtemp(prefix="tunery-bench-train-"))
     runs: list[dict[str, Any]] = []
     try:
         data_dir = root / "data"
@@ -402,23 +555,27 @@ def _benchmark(cfg: BenchConfig, out_json: Path | None, say) -> dict[str, Any]:
             f"alone {isolation['max_abs_logit_diff']:.2g} (use_cache=False, as SFTTrainer); "
             f"{isolation['max_abs_logit_diff_use_cache']:.2g} with the cache on")
         for rep in range(cfg.repeats):
-            for side in (SIDES if rep % 2 == 0 else SIDES[::-1]):
+            order = list(cfg.sides[rep % len(cfg.sides):]) + list(cfg.sides[:rep % len(cfg.sides)])
+            for side in order:
                 work = root / f"{side}-{rep}"
                 work.mkdir()
-                r = run_job(cfg, data_dir, work) if side == "job" else run_bare(cfg, train_rows, work)
-                r["eval_loss"] = heldout_loss(cfg.model, r.pop("adapter"), held_tok)
+                r = run_side_in_child(side, cfg, data_dir, train_rows, work)
+                r["eval_loss"] = heldout_loss(cfg.model, Path(r.pop("adapter")), held_tok)
                 history = r.pop("log_history")
                 trl_tokens = max((float(h.get("num_tokens", 0)) for h in history), default=0.0)
                 row = {"side": side, "repeat": rep, "tokens": tokens, "tokens_per_s": tokens / r["train_s"],
                        "tokens_per_cpu_s": tokens / r["train_cpu_s"],
                        "examples_per_s": cfg.examples * cfg.epochs / r["train_s"], "setup_s": r["wall_s"] - r["train_s"],
                        "train_loss": tail_loss(history), "first_loss": curve(history)[0][1] if curve(history) else None,
-                       "trl_num_tokens": trl_tokens, "curve": curve(history), **r}
+                       "trl_num_tokens": trl_tokens, "curve": curve(history),
+                       "planned_train_bytes": planned_train_bytes(cfg, r["rows_per_step"]), **r}
+                row["measured_train_bytes"] = r["peak_rss_bytes"] - r["rss_before_train_bytes"]
                 runs.append(row)
-                say(f"  repeat {rep} {side:4}: {row['steps']:4d} steps, train {r['train_s']:6.1f} s wall "
+                say(f"  repeat {rep} {side:11}: {row['steps']:4d} steps, train {r['train_s']:6.1f} s wall "
                     f"({row['tokens_per_s']:7,.0f} tokens/s), {r['train_cpu_s']:6.1f} s CPU "
-                    f"({row['tokens_per_cpu_s']:7,.0f} tokens/CPU-s), setup+save {row['setup_s']:4.1f} s, "
-                    f"train loss {row['train_loss']:.4f}, eval loss {r['eval_loss']:.4f}")
+                    f"({row['tokens_per_cpu_s']:7,.0f} tokens/CPU-s), peak RSS {r['peak_rss_bytes'] / MIB:6.0f} MiB, "
+                    f"setup+save {row['setup_s']:4.1f} s, train loss {row['train_loss']:.4f}, "
+                    f"eval loss {r['eval_loss']:.4f}")
                 shutil.rmtree(work, ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -426,21 +583,29 @@ def _benchmark(cfg: BenchConfig, out_json: Path | None, say) -> dict[str, Any]:
     def med(side: str, key: str) -> float:
         return statistics.median(float(r[key]) for r in runs if r["side"] == side)
 
-    summary = {side: {k: med(side, k) for k in ("tokens_per_s", "tokens_per_cpu_s", "examples_per_s", "train_s",
-                                                 "train_cpu_s", "setup_s", "wall_s",
-                                                 "steps", "train_loss", "eval_loss", "trl_num_tokens", "checkpoints")}
-               for side in SIDES}
-    pairs = list(zip([r for r in runs if r["side"] == "job"], [r for r in runs if r["side"] == "bare"]))
-    # the ratio of each repeat's pair (run back to back, so under the same load), then the median over repeats
-    summary["ratio_per_repeat"] = [j["tokens_per_s"] / b["tokens_per_s"] for j, b in pairs]
-    summary["ratio"] = statistics.median(summary["ratio_per_repeat"])
-    summary["ratio_of_medians"] = summary["job"]["tokens_per_s"] / summary["bare"]["tokens_per_s"]
-    summary["cpu_ratio_per_repeat"] = [j["tokens_per_cpu_s"] / b["tokens_per_cpu_s"] for j, b in pairs]
-    summary["cpu_ratio"] = statistics.median(summary["cpu_ratio_per_repeat"])
-    summary["eval_loss_diff_pct"] = pct_diff(summary["job"]["eval_loss"], summary["bare"]["eval_loss"])
-    summary["train_loss_diff_pct"] = pct_diff(summary["job"]["train_loss"], summary["bare"]["train_loss"])
+    summary: dict[str, Any] = {
+        side: {k: med(side, k) for k in ("tokens_per_s", "tokens_per_cpu_s", "examples_per_s", "train_s",
+                                         "train_cpu_s", "setup_s", "wall_s", "steps", "train_loss", "eval_loss",
+                                         "trl_num_tokens", "checkpoints", "peak_rss_bytes", "rss_before_train_bytes",
+                                         "measured_train_bytes")}
+        for side in cfg.sides}
     summary["base_eval_loss"] = base_eval
-    result = {"config": asdict(cfg), "libraries": library_versions(), "torch_threads": torch.get_num_threads(),
+    # the job against each other side: the ratio of each repeat's pair (run back to back, so under about the same
+    # load), then the median over repeats
+    summary["versus"] = {}
+    for other in (x for x in cfg.sides if x != "job"):
+        pairs = list(zip([r for r in runs if r["side"] == "job"], [r for r in runs if r["side"] == other]))
+        if not pairs:
+            continue
+        per = [j["tokens_per_s"] / o["tokens_per_s"] for j, o in pairs]
+        cpu = [j["tokens_per_cpu_s"] / o["tokens_per_cpu_s"] for j, o in pairs]
+        summary["versus"][other] = {
+            "ratio": statistics.median(per), "ratio_per_repeat": per, "cpu_ratio": statistics.median(cpu),
+            "cpu_ratio_per_repeat": cpu,
+            "eval_loss_diff_pct": pct_diff(summary["job"]["eval_loss"], summary[other]["eval_loss"]),
+            "train_loss_diff_pct": pct_diff(summary["job"]["train_loss"], summary[other]["train_loss"]),
+            "peak_rss_ratio": summary["job"]["peak_rss_bytes"] / summary[other]["peak_rss_bytes"]}
+    result = {"config": asdict(cfg), "libraries": library_versions(), "torch_threads": cfg.threads or torch.get_num_threads(),
               "cpus": os.cpu_count(),
               "data": {"train_examples": cfg.examples, "holdout_examples": cfg.holdout, "train_tokens": sum(lengths),
                        "tokens_per_example": stats, "padding_fraction_file_order": pad_frac},
@@ -459,29 +624,40 @@ def _benchmark(cfg: BenchConfig, out_json: Path | None, say) -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    s, n = result["summary"], result["config"]["repeats"]
-    rows = [("", "job (packed)", "bare TRL (padded)"),
-            ("tokens/s (real tokens, wall)", f"{s['job']['tokens_per_s']:,.0f}", f"{s['bare']['tokens_per_s']:,.0f}"),
-            ("tokens per CPU-second", f"{s['job']['tokens_per_cpu_s']:,.0f}", f"{s['bare']['tokens_per_cpu_s']:,.0f}"),
-            ("examples/s", f"{s['job']['examples_per_s']:,.1f}", f"{s['bare']['examples_per_s']:,.1f}"),
-            ("train time (s wall)", f"{s['job']['train_s']:.1f}", f"{s['bare']['train_s']:.1f}"),
-            ("train time (s CPU)", f"{s['job']['train_cpu_s']:.1f}", f"{s['bare']['train_cpu_s']:.1f}"),
-            ("setup + save (s)", f"{s['job']['setup_s']:.1f}", f"{s['bare']['setup_s']:.1f}"),
-            ("optimizer steps", f"{s['job']['steps']:.0f}", f"{s['bare']['steps']:.0f}"),
-            ("checkpoints written", f"{s['job']['checkpoints']:.0f}", f"{s['bare']['checkpoints']:.0f}"),
-            ("train loss (last 10% of steps)", f"{s['job']['train_loss']:.4f}", f"{s['bare']['train_loss']:.4f}"),
-            ("held-out eval loss", f"{s['job']['eval_loss']:.4f}", f"{s['bare']['eval_loss']:.4f}"),
-            ("tokens counted by TRL", f"{s['job']['trl_num_tokens']:,.0f}", f"{s['bare']['trl_num_tokens']:,.0f}")]
+    s, n, sides = result["summary"], result["config"]["repeats"], result["config"]["sides"]
+    spec = [("tokens/s (real tokens, wall)", "tokens_per_s", "{:,.0f}"), ("tokens per CPU-second", "tokens_per_cpu_s",
+             "{:,.0f}"), ("examples/s", "examples_per_s", "{:,.1f}"), ("train time (s wall)", "train_s", "{:.1f}"),
+            ("train time (s CPU)", "train_cpu_s", "{:.1f}"), ("setup + save (s)", "setup_s", "{:.1f}"),
+            ("optimizer steps", "steps", "{:.0f}"), ("checkpoints written", "checkpoints", "{:.0f}"),
+            ("peak RSS during train() (MiB)", "peak_rss_bytes", "MiB"),
+            ("RSS as train() starts (MiB)", "rss_before_train_bytes", "MiB"),
+            ("peak - start: what training added (MiB)", "measured_train_bytes", "MiB"),
+            ("train loss (last 10% of steps)", "train_loss", "{:.4f}"), ("held-out eval loss", "eval_loss", "{:.4f}"),
+            ("tokens counted by TRL", "trl_num_tokens", "{:,.0f}")]
+
+    def cell(side: str, key: str, fmt: str) -> str:
+        v = s[side][key]
+        return f"{v / MIB:,.0f}" if fmt == "MiB" else fmt.format(v)
+
+    rows = [("", *[LABELS[x] for x in sides])] + [(label, *[cell(x, key, fmt) for x in sides])
+                                                   for label, key, fmt in spec]
     w = max(len(r[0]) for r in rows)
+    cw = max(max(len(c) for c in r[1:]) for r in rows) + 2
     head = (f"medians over {n} repeat(s); {result['data']['train_examples']} examples x "
             f"{result['config']['epochs']:g} epoch(s), {result['data']['train_tokens']:,} real tokens per epoch")
-    lines = [head]
-    lines += [f"{a:<{w}}  {b:>14}  {c:>18}" for a, b, c in rows]
-    lines.append(f"ratio job / bare tokens/s, median of the per-repeat pairs: {s['ratio']:.2f}x wall (per repeat "
-                 + ", ".join(f"{x:.2f}" for x in s["ratio_per_repeat"]) + f"), {s['cpu_ratio']:.2f}x CPU (per repeat "
-                 + ", ".join(f"{x:.2f}" for x in s["cpu_ratio_per_repeat"]) + ")")
-    lines.append(f"eval loss: job {s['eval_loss_diff_pct']:+.2f}% vs bare; train loss {s['train_loss_diff_pct']:+.2f}%;"
-                 f" untrained base eval loss {s['base_eval_loss']:.4f}")
+    lines = [head] + ["".join([f"{r[0]:<{w}}"] + [f"{c:>{cw}}" for c in r[1:]]) for r in rows]
+    for other, v in s["versus"].items():
+        lines.append(f"job / {LABELS[other]}: tokens/s {v['ratio']:.2f}x wall (per repeat "
+                     + ", ".join(f"{x:.2f}" for x in v["ratio_per_repeat"]) + f"), {v['cpu_ratio']:.2f}x CPU; "
+                     f"held-out loss {v['eval_loss_diff_pct']:+.2f}%; peak RSS {v['peak_rss_ratio']:.2f}x")
+    for side in sides:
+        run = next(r for r in result["runs"] if r["side"] == side)
+        plan = run["planned_train_bytes"]
+        lines.append(f"planner, {LABELS[side]} ({run['rows_per_step']} row(s) of {result['config']['max_seq_len']} "
+                     f"tokens per step): {plan['fused'] / MIB:,.0f} MiB above the loaded model with TRL's fused LM "
+                     f"head ({plan['full'] / MIB:,.0f} MiB if the logits were materialized); measured "
+                     f"{run['measured_train_bytes'] / MIB:,.0f} MiB")
+    lines.append(f"untrained base eval loss {s['base_eval_loss']:.4f}")
     return "\n".join(lines)
 
 
@@ -492,18 +668,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for side, label, color in (("job", "job (packed)", "tab:blue"), ("bare", "bare TRL (padded)", "tab:green")):
+    colors = ["tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:red", "tab:brown"]
+    for side, color in zip(result["config"]["sides"], colors):
         run = next(r for r in result["runs"] if r["side"] == side)
         if run["curve"]:
             ax.plot(*zip(*run["curve"]), color=color, lw=1.0, alpha=0.8,
-                    label=f"{label}: train loss, {run['steps']} steps")
+                    label=f"{LABELS[side]}: train loss, {run['steps']} steps")
         ax.plot([result["config"]["epochs"]], [run["eval_loss"]], "o", color=color, markeredgecolor="black",
-                label=f"{label}: held-out loss {run['eval_loss']:.3f}")
+                label=f"{LABELS[side]}: held-out loss {run['eval_loss']:.3f}")
     ax.set_xlabel("epoch (examples seen)")
     ax.set_ylabel("loss (assistant tokens)")
     ax.set_title("bench.train_throughput: tiny-llama, LoRA")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -526,8 +703,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=d.threads,
                     help="torch CPU threads, both sides (0: torch's default; 1 keeps a shared box's numbers steady)")
     ap.add_argument("--model", default=d.model)
+    ap.add_argument("--sides", default=",".join(d.sides),
+                    help=f"comma-separated, 'job' first; default {','.join(SIDES)}; optional {','.join(OPTIONAL_SIDES)}")
     ap.add_argument("--out", type=Path, default=OUT, help="JSON result (a PNG of the loss curves goes beside it)")
     a = ap.parse_args()
+    sides = tuple(x.strip() for x in a.sides.split(",") if x.strip())
+    unknown = [x for x in sides if x not in SIDES + OPTIONAL_SIDES]
+    if unknown or not sides or sides[0] != "job":
+        ap.error(f"--sides: {unknown or sides} (each one of {', '.join(SIDES + OPTIONAL_SIDES)}, 'job' first)")
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -538,7 +721,7 @@ def main() -> None:
     cfg = BenchConfig(examples=a.examples, holdout=a.holdout, epochs=a.epochs, repeats=a.repeats,
                       micro_batch_size=a.micro_batch_size, job_micro_batch_size=a.job_micro_batch_size,
                       max_seq_len=a.max_seq_len, learning_rate=a.lr,
-                      seed=a.seed, threads=a.threads, model=a.model)
+                      seed=a.seed, threads=a.threads, model=a.model, sides=sides)
     run_benchmark(cfg, a.out)
 
 

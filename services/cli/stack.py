@@ -64,6 +64,15 @@ def health(port: int, service: str = "", timeout: float = 1.0) -> str:
         return f"DOWN ({e.code().name})"
 
 
+def ray_temp_dir(tunery_home: Path) -> Path:
+    """The Ray head's temp dir for the stack of this $TUNERY_HOME: one per home (two stacks of one user, e.g. two
+    homes side by side, never share a Ray session folder), short because Ray's unix sockets live below it."""
+    import hashlib
+
+    digest = hashlib.sha256(str(tunery_home.resolve()).encode()).hexdigest()[:8]
+    return Path("/tmp") / f"tunery-ray-{os.getuid()}-{digest}"
+
+
 def up(*, store_url: str = "", s3: dict[str, str] | None = None, ray_address: str = "", num_cpus: int = 0,
        timeout: float = 120.0, on_step=lambda s: None) -> StackState:
     state = StackState.load()
@@ -84,8 +93,7 @@ def up(*, store_url: str = "", s3: dict[str, str] | None = None, ray_address: st
         state.ray_address = ray_address
     else:
         on_step("starting the Ray head on 127.0.0.1")
-        head = RayHead(Path("/tmp") / f"tunery-ray-{os.getuid()}", env, num_cpus=num_cpus,
-                       log_path=h / "logs" / "ray.log")
+        head = RayHead(ray_temp_dir(h), env, num_cpus=num_cpus, log_path=h / "logs" / "ray.log")
         head.start(timeout)
         state.ray_pid, state.ray_address, state.ray_start_s = head.pid, head.address, head.start_s
         state.save()

@@ -41,10 +41,18 @@ Activations (`activation_bytes`): the tensors autograd saves, counted module by 
     activations it consumes; the loss is computed before any layer's backward):
       no checkpointing:  L*A*T + max(logits, A*T)
       checkpointing:     L*c*h*T + max(logits, 2*A*T)   (one hidden state per layer, one layer recomputed)
-    where A is the per-token, per-layer count above and logits = 12*T*V: the fp32 log-softmax output that
-    cross-entropy saves (4), its incoming gradient (4) and the gradient w.r.t. the logits (4) at the start of
-    backward (the forward peak, bf16 logits + fp32 upcast + log-softmax, is 10 bytes). It dominates for small
-    models with large vocabularies.
+    where A is the per-token, per-layer count above and `logits` is the loss head's peak:
+      lm_head="fused" (what the job runs: TRL >= 1.16's SFTTrainer patches the model with a fused LM head,
+                       trl/kernels/chunked_logprob.py, that projects and folds [min(T, 4096), min(V, 32768)] tiles
+                       into an online log-sum-exp and never materializes the [T, V] logits; the backward recomputes
+                       each tile in place): one tile at the compute precision, the fp32 gradient w.r.t. the hidden
+                       states (4*T*h) and the per-token fp32 statistics it keeps (log Z, entropy, log-prob, token
+                       accuracy: 16*T).
+      lm_head="full"  (a plain Trainer / LitGPT / torchtune: the [T, V] logits): 12*T*V, the fp32 log-softmax
+                       output that cross-entropy saves (4), its incoming gradient (4) and the gradient w.r.t. the
+                       logits (4) at the start of backward (the forward peak, bf16 logits + fp32 upcast +
+                       log-softmax, is 10 bytes). It dominates for small models with large vocabularies, which is
+                       what the fused head removes.
 Overhead: CUDA context, cuBLAS workspaces and NCCL buffers (CUDA_CONTEXT_GIB) plus allocator fragmentation
     (FRAGMENTATION of everything else).
 Several workers: FSDP shards weights, adapters, gradients and optimizer states across N workers and all-gathers
@@ -89,6 +97,10 @@ CUDA_CONTEXT_GIB = 0.75
 FRAGMENTATION = 0.05
 FSDP_GATHERED_LAYERS = 2
 LOGITS_BYTES = 12
+LM_HEADS = ("fused", "full")
+FUSED_TOKEN_TILE = 4096            # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
+FUSED_VOCAB_TILE = 32768           # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+FUSED_TOKEN_STATS_BYTES = 16       # fp32 log Z, entropy, log-prob and top-1 flag per token
 NORM_BYTES = 4                     # bytes per element RMSNorm saves (its fp32 input copy)
 DORA_TRANSIENT_COPIES = 3          # B@A, scaling*B@A and W + scaling*B@A, at the adapter precision
 
@@ -345,7 +357,8 @@ def layer_activation_bytes(shape: ModelShape, targets: dict[str, tuple[int, int,
 
 def activation_bytes(shape: ModelShape, targets: dict[str, tuple[int, int, int]], *, method: str, rank: int,
                      compute_bytes: int, adapter_bytes: int, micro_batch_size: int, max_seq_len: int,
-                     gradient_checkpointing: bool, dropout: float = 0.0, attention: str = "sdpa") -> float:
+                     gradient_checkpointing: bool, dropout: float = 0.0, attention: str = "sdpa",
+                     lm_head: str = "fused") -> float:
     """Peak activation memory of one micro batch (formulas in the module docstring) plus transient buffers."""
     tokens = micro_batch_size * max_seq_len
     kw = {"method": method, "rank": rank, "compute_bytes": compute_bytes, "adapter_bytes": adapter_bytes,
@@ -353,7 +366,7 @@ def activation_bytes(shape: ModelShape, targets: dict[str, tuple[int, int, int]]
     dense = layer_activation_bytes(shape, targets, **kw) if shape.num_dense_layers else 0.0
     moe = layer_activation_bytes(shape, targets, moe_layer=True, **kw) if shape.num_moe_layers else 0.0
     largest = max(dense, moe)
-    logits = LOGITS_BYTES * tokens * shape.vocab_size
+    logits = loss_head_bytes(shape, tokens, compute_bytes=compute_bytes, lm_head=lm_head)
     if gradient_checkpointing:
         stored = shape.num_layers * compute_bytes * shape.hidden_size * tokens
         peak = stored + max(logits, 2 * largest * tokens)
@@ -362,6 +375,14 @@ def activation_bytes(shape: ModelShape, targets: dict[str, tuple[int, int, int]]
         peak = stored + max(logits, largest * tokens)
     return peak + transient_bytes(shape, targets, method=method, compute_bytes=compute_bytes,
                                   adapter_bytes=adapter_bytes)
+
+
+def loss_head_bytes(shape: ModelShape, tokens: int, *, compute_bytes: int, lm_head: str = "fused") -> float:
+    """Peak memory of the loss head for `tokens` tokens (the module docstring's `logits`)."""
+    if lm_head == "full":
+        return LOGITS_BYTES * tokens * shape.vocab_size
+    tile = min(tokens, FUSED_TOKEN_TILE) * min(shape.vocab_size, FUSED_VOCAB_TILE) * compute_bytes
+    return tile + 4 * tokens * shape.hidden_size + FUSED_TOKEN_STATS_BYTES * tokens
 
 
 def transient_bytes(shape: ModelShape, targets: dict[str, tuple[int, int, int]], *, method: str,
@@ -405,17 +426,18 @@ def estimate(config: dict[str, Any], *, method: str, rank: int, target_modules: 
              micro_batch_size: int, max_seq_len: int, gradient_checkpointing: bool, precision: str = "bf16",
              optimizer: str = "adamw_torch", num_workers: int = 1, strategy: str = "ddp",
              total_parameters: int | None = None, adapter_precision: str = "fp32", dropout: float = 0.0,
-             double_quant: bool = True, attention: str = "sdpa") -> MemoryEstimate:
+             double_quant: bool = True, attention: str = "sdpa", lm_head: str = "fused") -> MemoryEstimate:
     """Peak memory per GPU of a LoRA / QLoRA / DoRA job.
 
     total_parameters: the registry's exact count (from the safetensors headers), used for the weights when given.
     adapter_precision: dtype of the adapters, their gradients and AdamW states (PEFT keeps them in fp32).
     double_quant: QLoRA's double quantization of the absmax constants (bnb_4bit_use_double_quant).
     attention: "sdpa" / "flash_attention_2" save no s^2 tensor; "eager" does.
+    lm_head: "fused" (the job's TRL SFTTrainer: no [T, V] logits) or "full" (frameworks that materialize them).
     """
     _check_args(method=method, rank=rank, micro_batch_size=micro_batch_size, max_seq_len=max_seq_len,
                 precision=precision, adapter_precision=adapter_precision, num_workers=num_workers,
-                strategy=strategy, dropout=dropout, attention=attention)
+                strategy=strategy, dropout=dropout, attention=attention, lm_head=lm_head)
     shape = ModelShape.from_config(config)
     targets = select_targets(shape, target_modules)
     c, p = PRECISION_BYTES[precision], PRECISION_BYTES[adapter_precision]
@@ -428,7 +450,7 @@ def estimate(config: dict[str, Any], *, method: str, rank: int, target_modules: 
     activations = activation_bytes(shape, targets, method=method, rank=rank, compute_bytes=c, adapter_bytes=p,
                                    micro_batch_size=micro_batch_size, max_seq_len=max_seq_len,
                                    gradient_checkpointing=gradient_checkpointing, dropout=dropout,
-                                   attention=attention)
+                                   attention=attention, lm_head=lm_head)
     if num_workers > 1 and strategy == "fsdp":
         layer = (weights - embedding_parameters(shape) * c) / shape.num_layers
         weights = weights / num_workers + FSDP_GATHERED_LAYERS * layer
@@ -444,10 +466,11 @@ def estimate(config: dict[str, Any], *, method: str, rank: int, target_modules: 
 
 
 def _check_args(*, method: str, rank: int, micro_batch_size: int, max_seq_len: int, precision: str,
-                adapter_precision: str, num_workers: int, strategy: str, dropout: float, attention: str) -> None:
+                adapter_precision: str, num_workers: int, strategy: str, dropout: float, attention: str,
+                lm_head: str = "fused") -> None:
     choices = {"method": (method, METHODS), "precision": (precision, tuple(PRECISION_BYTES)),
                "adapter_precision": (adapter_precision, tuple(PRECISION_BYTES)), "strategy": (strategy, STRATEGIES),
-               "attention": (attention, ATTENTION)}
+               "attention": (attention, ATTENTION), "lm_head": (lm_head, LM_HEADS)}
     for name, (value, allowed) in choices.items():
         if value not in allowed:
             raise InvalidArgument.field(name, f"{value!r} is not one of {', '.join(allowed)}")

@@ -47,6 +47,53 @@ def compute_dtype(precision: str, device: str, bf16_supported: bool | None = Non
     return torch.bfloat16 if bf16_supported else torch.float16
 
 
+# model types whose modules Liger's kernels replace (liger_kernel.transformers: RMSNorm, RoPE, SwiGLU; TRL keeps its
+# own fused LM-head loss, so Liger's fused linear cross-entropy stays off)
+LIGER_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen2_moe",
+                               "qwen3", "qwen3_moe", "phi3", "granite", "olmo2"})
+
+
+def installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The attention implementation and fused kernels a run uses, chosen by device (the GPU path is the CPU path
+    with these two switches; unit-tested in tests/unit/train/test_sft_configs.py)."""
+
+    attn_implementation: str | None = None  # None: transformers' own choice (sdpa where the model supports it)
+    use_liger_kernel: bool = False
+    why: str = ""
+
+
+def select_kernels(device: str, model_type: str, dtype, *, packing: bool, available=installed) -> Kernels:
+    """On CUDA: FlashAttention-2's varlen kernel for padding-free packed batches (each packed sequence attends only
+    to itself at the cost of its own length; sdpa computes the whole packed row's block-diagonal mask) when
+    flash-attn is installed and the compute dtype is bf16/fp16, and Liger's RMSNorm/RoPE/SwiGLU kernels for the
+    families it supports when liger-kernel is installed. On CPU neither exists: transformers picks the attention
+    (sdpa for the families that have it), no Liger."""
+    import torch
+
+    if device != "cuda":
+        return Kernels(why="transformers' default attention (sdpa), no fused kernels (CPU)")
+    half = dtype in (torch.bfloat16, torch.float16)
+    flash = packing and half and available("flash_attn")
+    liger = model_type in LIGER_MODEL_TYPES and available("liger_kernel")
+    attention = ("flash_attention_2 (varlen, padding-free)" if flash else "sdpa attention"
+                 + (" (flash-attn not installed)" if packing and half else ""))
+    if liger:
+        fused = "Liger kernels"
+    elif model_type not in LIGER_MODEL_TYPES:
+        fused = f"no Liger ({model_type or 'this model type'} not supported)"
+    else:
+        fused = "no Liger (liger-kernel not installed)"
+    why = f"{attention}, {fused}"
+    return Kernels("flash_attention_2" if flash else None, liger, why)
+
+
 def bnb_config(spec: TrainingJobSpec, device: str, dtype):
     """QLoRA's 4-bit BitsAndBytesConfig (None for lora/dora). Identical on CPU and CUDA but for the compute dtype."""
     if spec.method != "qlora":
@@ -93,13 +140,15 @@ def packed_micro_batch(spec: TrainingJobSpec, mean_tokens: float) -> int:
     return max(1, round(spec.micro_batch_size * min(mean_tokens, spec.max_seq_len) / spec.max_seq_len))
 
 
-def sft_config(spec: TrainingJobSpec, output_dir: Path, device: str, dtype, *, has_eval: bool):
+def sft_config(spec: TrainingJobSpec, output_dir: Path, device: str, dtype, *, has_eval: bool,
+               kernels: Kernels = Kernels()):
     from trl import SFTConfig
 
-    return SFTConfig(**sft_kwargs(spec, output_dir, device, dtype, has_eval=has_eval))
+    return SFTConfig(**sft_kwargs(spec, output_dir, device, dtype, has_eval=has_eval, kernels=kernels))
 
 
-def sft_kwargs(spec: TrainingJobSpec, output_dir: Path, device: str, dtype, *, has_eval: bool) -> dict[str, Any]:
+def sft_kwargs(spec: TrainingJobSpec, output_dir: Path, device: str, dtype, *, has_eval: bool,
+               kernels: Kernels = Kernels()) -> dict[str, Any]:
     """SFTConfig's arguments (kept apart: TrainingArguments refuses GPU settings on a machine without one, and the
     GPU path is still checked here)."""
     import torch
@@ -131,6 +180,7 @@ def sft_kwargs(spec: TrainingJobSpec, output_dir: Path, device: str, dtype, *, h
         ddp_find_unused_parameters=False if spec.num_workers > 1 else None,
         fsdp="full_shard auto_wrap" if spec.num_workers > 1 and spec.strategy == "fsdp" else "",
         disable_tqdm=True,
+        use_liger_kernel=kernels.use_liger_kernel,
     )
 
 
@@ -191,7 +241,12 @@ def load_data(dataset_dir: Path, tokenizer, spec: TrainingJobSpec) -> Data:
 
 
 # ---------------------------------------------------------------------------------------------- model
-def load_model(model_dir: Path, spec: TrainingJobSpec, device: str):
+def model_type(model_dir: Path) -> str:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return str((config.get("text_config") or {}).get("model_type") or config.get("model_type", ""))
+
+
+def load_model(model_dir: Path, spec: TrainingJobSpec, device: str, kernels: Kernels = Kernels()):
     """The base model (4-bit for QLoRA) wrapped with the LoRA/DoRA adapter, ready for the trainer."""
     import torch
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -200,6 +255,8 @@ def load_model(model_dir: Path, spec: TrainingJobSpec, device: str):
     dtype = compute_dtype(spec.precision, device)
     quant = bnb_config(spec, device, dtype)
     kwargs: dict[str, Any] = {"dtype": dtype}
+    if kernels.attn_implementation:
+        kwargs["attn_implementation"] = kernels.attn_implementation
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": torch.cuda.current_device() if device == "cuda" else "cpu"}
@@ -280,14 +337,16 @@ def fit(ctx: JobContext, spec: TrainingJobSpec, model_dir: Path, data_dir: Path,
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     data = load_data(data_dir, tokenizer, spec)
-    model, dtype = load_model(model_dir, spec, device)
+    kernels = select_kernels(device, model_type(model_dir), compute_dtype(spec.precision, device),
+                             packing=spec.packing)
+    model, dtype = load_model(model_dir, spec, device, kernels)
     trainable, total = model.get_nb_trainable_parameters()
     if is_main:
         ctx.event(f"{spec.method} on {device} ({str(dtype).removeprefix('torch.')}): {trainable:,} trainable of "
                   f"{total:,} parameters, modules {', '.join(spec.lora.target_modules) or 'all-linear'}; "
                   f"{data.num_examples} examples, {data.num_tokens:,} tokens, loss on "
                   f"{'every assistant turn' if data.assistant_markers else 'the final assistant turn'}"
-                  + (", packed" if spec.packing else ""))
+                  + (", packed" if spec.packing else "") + f"; {kernels.why}")
     callback = JobCallback(ctx, name=spec.checkpoint_name(ctx.job_id), run_key=spec.run_key(),
                            parents=[spec.base_model, spec.dataset], keep=spec.keep_checkpoints, is_main=is_main)
     rows = packed_micro_batch(spec, data.num_tokens / max(data.num_examples, 1))
@@ -295,7 +354,8 @@ def fit(ctx: JobContext, spec: TrainingJobSpec, model_dir: Path, data_dir: Path,
         ctx.event(f"packing: {rows} packed row(s) of {spec.max_seq_len} tokens per micro-batch hold about "
                   f"{spec.micro_batch_size} examples")
     run_spec = spec.model_copy(update={"micro_batch_size": rows})
-    trainer = SFTTrainer(model=model, args=sft_config(run_spec, out, device, dtype, has_eval=data.eval is not None),
+    trainer = SFTTrainer(model=model, args=sft_config(run_spec, out, device, dtype, has_eval=data.eval is not None,
+                                                      kernels=kernels),
                          train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
                          callbacks=[callback])
     trainer.remove_callback(PrinterCallback)  # the job's own events replace the printed dicts

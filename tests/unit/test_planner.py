@@ -227,10 +227,23 @@ def test_gradient_checkpointing_and_sequence_length():
     assert eager.activations_gib > off.activations_gib
 
 
-def test_logits_dominate_small_models_with_big_vocabularies():
-    est = lora("qwen2.5-0.5b", micro_batch_size=8, max_seq_len=4096)
+def test_logits_dominate_small_models_with_big_vocabularies_unless_the_head_is_fused():
+    """Materialized [T, V] logits dominate a small model with a big vocabulary; TRL's fused LM head (what the job
+    runs) keeps one [4096, 32768] tile and per-token statistics instead, so the same job plans ~13x smaller."""
+    full = lora("qwen2.5-0.5b", micro_batch_size=8, max_seq_len=4096, lm_head="full")
     logits_gib = 12 * 8 * 4096 * 151936 / GIB
-    assert est.activations_gib >= logits_gib > 10 * est.weights_gib
+    assert full.activations_gib >= logits_gib > 10 * full.weights_gib
+    fused = lora("qwen2.5-0.5b", micro_batch_size=8, max_seq_len=4096)
+    tokens = 8 * 4096
+    head = 4096 * 32768 * 2 + 4 * tokens * 896 + 16 * tokens  # one bf16 tile, fp32 d(hidden), per-token stats
+    from services.training.planner import loss_head_bytes
+
+    assert loss_head_bytes(ModelShape.from_config(config("qwen2.5-0.5b")), tokens, compute_bytes=2) == head
+    assert fused.activations_gib < full.activations_gib / 10 and fused.weights_gib == full.weights_gib
+    # a vocabulary within one tile: the head grows with the tokens, not with V x T
+    small = lora("llama-2-7b", micro_batch_size=1, max_seq_len=512, lm_head="fused")
+    assert small.activations_gib < lora("llama-2-7b", micro_batch_size=1, max_seq_len=512,
+                                         lm_head="full").activations_gib
 
 
 def test_fsdp_shards_and_ddp_replicates():
@@ -265,6 +278,8 @@ def test_invalid_arguments():
         lora(optimizer="adamw_9bit")
     with pytest.raises(InvalidArgument, match="max_seq_len"):
         lora(max_seq_len=0)
+    with pytest.raises(InvalidArgument, match="lm_head"):
+        lora(lm_head="chunked")
     with pytest.raises(InvalidArgument, match="multi-head latent attention"):
         ModelShape.from_config({**config("llama-2-7b"), "kv_lora_rank": 512})
     with pytest.raises(InvalidArgument, match="hidden_size"):

@@ -120,3 +120,45 @@ def test_packed_micro_batch_counts_examples():
     assert sft.packed_micro_batch(s, 40.0) == 1  # never below one row
     assert sft.packed_micro_batch(s, 900.0) == 8  # examples longer than a row: one row each
     assert sft.packed_micro_batch(spec(micro_batch_size=8), 128.0) == 8  # no packing: unchanged
+
+
+def test_kernels_are_chosen_by_device(monkeypatch):
+    """The GPU levers (FlashAttention-2 varlen for padding-free packed rows, Liger's RMSNorm/RoPE/SwiGLU kernels)
+    are chosen by device and by what is installed; on CPU neither: sdpa, no Liger. The choice reaches the model
+    loader and SFTConfig."""
+    everything = lambda module: True  # noqa: E731 - a CUDA worker with flash-attn and liger-kernel installed
+    nothing = lambda module: False  # noqa: E731
+    cpu = sft.select_kernels("cpu", "llama", torch.float32, packing=True, available=everything)
+    assert (cpu.attn_implementation, cpu.use_liger_kernel) == (None, False) and "CPU" in cpu.why
+    gpu = sft.select_kernels("cuda", "llama", torch.bfloat16, packing=True, available=everything)
+    assert (gpu.attn_implementation, gpu.use_liger_kernel) == ("flash_attention_2", True), gpu
+    padded = sft.select_kernels("cuda", "llama", torch.bfloat16, packing=False, available=everything)
+    assert padded.attn_implementation is None and padded.use_liger_kernel  # varlen only pays for packed rows
+    fp32 = sft.select_kernels("cuda", "qwen2", torch.float32, packing=True, available=everything)
+    assert fp32.attn_implementation is None  # FlashAttention needs bf16/fp16
+    bare = sft.select_kernels("cuda", "llama", torch.bfloat16, packing=True, available=nothing)
+    assert (bare.attn_implementation, bare.use_liger_kernel) == (None, False)
+    assert "flash-attn not installed" in bare.why and "liger-kernel not installed" in bare.why
+    other = sft.select_kernels("cuda", "gpt2", torch.bfloat16, packing=True, available=everything)
+    assert not other.use_liger_kernel and "gpt2 not supported" in other.why
+    # this machine: what fit() picks for the fixture on the device it selects
+    here = sft.select_kernels(sft.select_device("auto"), sft.model_type(FIXTURE / "tiny-llama"), torch.float32,
+                              packing=True)
+    assert here.attn_implementation is None and (torch.cuda.is_available() or not here.use_liger_kernel)
+    s = spec(packing=True)
+    assert sft.sft_kwargs(s, Path("/tmp/x"), "cuda", torch.bfloat16, has_eval=False, kernels=gpu)["use_liger_kernel"]
+    assert not sft.sft_kwargs(s, Path("/tmp/x"), "cpu", torch.float32, has_eval=False, kernels=cpu)["use_liger_kernel"]
+    model, _ = sft.load_model(FIXTURE / "tiny-llama", s, "cpu", cpu)
+    assert model.get_base_model().config._attn_implementation == "sdpa"  # transformers' default for Llama
+    chosen = {}
+
+    def spy(*args, **kwargs):
+        chosen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    with pytest.raises(RuntimeError, match="stop here"):
+        sft.load_model(FIXTURE / "tiny-llama", s, "cpu", gpu)
+    assert chosen["attn_implementation"] == "flash_attention_2"  # what a CUDA worker's loader is handed
