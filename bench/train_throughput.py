@@ -339,8 +339,8 @@ def run_job(cfg: BenchConfig, data_dir: Path, work: Path, variant: str = "job") 
 
 def run_trl(cfg: BenchConfig, train_rows: list[dict[str, Any]], work: Path, variant: str = "trl") -> dict[str, Any]:
     """What a user writes with TRL + PEFT, given the same hyperparameters (TRL's SFTConfig defaults bf16 and
-    gradient checkpointing on: both off here, and the base in float32, as in the job's spec). trl-packed adds packing=True (BFD,
-    padding-free), trl-grouped train_sampling_strategy="group_by_length"."""
+    gradient checkpointing on: both off here, and the base in float32, as in the job's spec). trl-packed adds
+    packing=True (BFD, padding-free), trl-grouped train_sampling_strategy="group_by_length"."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
@@ -523,6 +523,7 @@ def _benchmark(cfg: BenchConfig, out_json: Path | None, say) -> dict[str, Any]:
     if not (Path(cfg.model) / "config.json").is_file():
         raise SystemExit(f"{cfg.model} is missing: run `make fixtures` first")
     root = Path(tempfile.mkdtemp(prefix="tunery-bench-train-"))
+    source = cfg.model
     cfg = replace(cfg, model=str(with_generation_markers(Path(cfg.model), root)))
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     assert GENERATION_MARKER in (tokenizer.chat_template or ""), "the fixture's template has no {% generation %}"
@@ -605,7 +606,8 @@ def _benchmark(cfg: BenchConfig, out_json: Path | None, say) -> dict[str, Any]:
             "eval_loss_diff_pct": pct_diff(summary["job"]["eval_loss"], summary[other]["eval_loss"]),
             "train_loss_diff_pct": pct_diff(summary["job"]["train_loss"], summary[other]["train_loss"]),
             "peak_rss_ratio": summary["job"]["peak_rss_bytes"] / summary[other]["peak_rss_bytes"]}
-    result = {"config": asdict(cfg), "libraries": library_versions(), "torch_threads": cfg.threads or torch.get_num_threads(),
+    result = {"config": asdict(cfg), "model_source": source, "libraries": library_versions(),
+              "torch_threads": cfg.threads or torch.get_num_threads(),
               "cpus": os.cpu_count(),
               "data": {"train_examples": cfg.examples, "holdout_examples": cfg.holdout, "train_tokens": sum(lengths),
                        "tokens_per_example": stats, "padding_fraction_file_order": pad_frac},
@@ -704,7 +706,8 @@ def main() -> None:
                     help="torch CPU threads, both sides (0: torch's default; 1 keeps a shared box's numbers steady)")
     ap.add_argument("--model", default=d.model)
     ap.add_argument("--sides", default=",".join(d.sides),
-                    help=f"comma-separated, 'job' first; default {','.join(SIDES)}; optional {','.join(OPTIONAL_SIDES)}")
+                    help=f"comma-separated, 'job' first; default {','.join(SIDES)}; "
+                         f"optional {','.join(OPTIONAL_SIDES)}")
     ap.add_argument("--out", type=Path, default=OUT, help="JSON result (a PNG of the loss curves goes beside it)")
     a = ap.parse_args()
     sides = tuple(x.strip() for x in a.sides.split(",") if x.strip())
