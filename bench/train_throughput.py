@@ -330,10 +330,9 @@ def run_job(cfg: BenchConfig, data_dir: Path, work: Path, variant: str = "job") 
         result = fit(ctx, spec, Path(cfg.model), data_dir, out, None)
     wall = time.perf_counter() - t0
     assert "cancelled" not in result, result
-    rows = next((int(e["text"].split()[1]) for e in ctx.events if e["text"].startswith("packing: ")),
-                spec.micro_batch_size)
     return {**timer, "wall_s": wall, "job_reported_s": result["seconds"], "steps": result["step"],
-            "rows_per_step": rows, "log_history": result["log_history"], "adapter": str(out / "adapter"),
+            "rows_per_step": result["micro_batch_rows"], "log_history": result["log_history"],
+            "adapter": str(out / "adapter"),
             "checkpoints": sum(1 for e in ctx.events if e.get("type") == "artifact")}
 
 

@@ -374,6 +374,7 @@ def fit(ctx: JobContext, spec: TrainingJobSpec, model_dir: Path, data_dir: Path,
     tokens = max((h.get("num_tokens", 0) for h in history), default=0)
     return {
         "step": trainer.state.global_step, "max_steps": trainer.state.max_steps, "seconds": seconds,
+        "micro_batch_rows": rows,
         "train_loss": float(result.training_loss), "final_loss": float(losses[-1]) if losses else float("nan"),
         "eval_loss": float(evals[-1]) if evals else None, "num_tokens": float(tokens),
         "trainable_parameters": int(trainable), "total_parameters": int(total), "device": device,
